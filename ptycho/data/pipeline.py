@@ -1,0 +1,87 @@
+"""Streaming training batches with ``tf.data``.
+
+A sample is a group of C positions: network input the (N, N, C) diffraction amplitudes
+scaled by the dataset's normalisation factor, and the (C, 2) offsets of the positions
+from the group centre. Only the (G, C) index table is shuffled; the amplitudes of a
+batch are gathered when the batch is needed, so no group is materialised ahead of
+time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from ptycho.data.grouping import group_offsets
+from ptycho.data.scan import Scan
+
+__all__ = ["make_dataset", "normalisation_factor"]
+
+
+def normalisation_factor(diffraction: np.ndarray, *, chunk: int = 1024) -> float:
+    """Dataset-level amplitude scale: ``sqrt((N/2)^2 / mean_j sum |a_j|^2)``.
+
+    Scaling every pattern by this factor makes the mean total intensity per pattern
+    ``(N/2)^2`` (PtychoPINN's convention), whatever the photon count; the model stores
+    it so that inference applies the same factor. Computed in chunks (no full copy).
+    """
+    diffraction = np.asarray(diffraction)
+    m, n = diffraction.shape[0], diffraction.shape[1]
+    total = 0.0
+    for start in range(0, m, chunk):
+        block = diffraction[start : start + chunk].astype(np.float64)
+        total += float(np.sum(block * block))
+    mean_energy = total / m
+    if not mean_energy > 0:
+        raise ValueError("diffraction amplitudes are all zero: cannot normalise the scan")
+    return float(np.sqrt((n / 2) ** 2 / mean_energy))
+
+
+def make_dataset(
+    scan: Scan,
+    groups: np.ndarray,
+    *,
+    norm_factor: float,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Batches of ``({"diffraction": (B, N, N, C), "offsets": (B, C, 2)}, target)``.
+
+    ``target`` is the same normalised amplitude tensor (the model is unsupervised: it
+    is trained to reproduce its own input through the physics).
+
+    Parameters
+    ----------
+    scan : Scan
+    groups : (G, C) int
+        From :func:`ptycho.data.grouping.group_neighbours`.
+    norm_factor : float
+        From :func:`normalisation_factor` of the *training* scan.
+    batch_size : int
+    shuffle : bool
+        Reshuffle the groups every epoch (deterministically for ``seed``).
+    drop_remainder : bool
+        Drop the last partial batch (fixed shapes for XLA).
+    """
+    groups = np.asarray(groups, np.int64)
+    if groups.ndim != 2:
+        raise ValueError(f"groups must be (G, C), got shape {groups.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
+    diffraction = tf.convert_to_tensor(scan.diffraction)  # (M, N, N), held once
+    factor = tf.constant(norm_factor, tf.float32)
+
+    def load(index, offset):
+        amplitudes = tf.gather(diffraction, index)  # (B, C, N, N)
+        amplitudes = tf.transpose(amplitudes, (0, 2, 3, 1)) * factor  # (B, N, N, C)
+        return {"diffraction": amplitudes, "offsets": offset}, amplitudes
+
+    dataset = tf.data.Dataset.from_tensor_slices((groups, offsets.astype(np.float32)))
+    if shuffle:
+        dataset = dataset.shuffle(len(groups), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,202 @@
+"""The ``Scan``: one ptychography scan, validated once on construction.
+
+Conventions (DESIGN.md sections 3-4): ``diffraction`` holds far-field *amplitudes*
+(square roots of counts) with the zero frequency at the centre; ``xcoords`` and
+``ycoords`` are patch *centres* in object pixels, x the column and y the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Scan"]
+
+_CHUNK = 1024  # patterns per validation chunk: bounded temporaries on large scans
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    """A read-only view (no copy), so a Scan's arrays cannot change under it."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+@dataclass(frozen=True, eq=False)
+class Scan:
+    """A ptychography scan.
+
+    Parameters
+    ----------
+    diffraction : (M, N, N) float32
+        Measured far-field amplitudes ``sqrt(counts)``, zero frequency at the centre.
+        N is even and >= 16.
+    probe : (N, N) complex64
+        Illumination.
+    xcoords, ycoords : (M,) float64
+        Patch centres in object pixels (x = column, y = row). Patch j covers rows
+        ``[y_j - N/2, y_j + N/2)`` and columns ``[x_j - N/2, x_j + N/2)`` of the object.
+    object : (H, W) complex64, optional
+        Ground truth, used only for metrics. When given, every patch centre must lie
+        inside it.
+    scan_index : (M,) int64, optional
+        Scan number of each pattern (PtychoPINN's ``scan_index``); zeros by default.
+    nphotons : float, optional
+        Mean total counts per pattern the scan was simulated at (None: unknown or
+        noiseless).
+    seed : int, optional
+        Seed of the simulation that made it.
+    source : str
+        Provenance: a file path or a description of the simulation.
+
+    Arrays are coerced to the dtypes above (no copy when they already have them) and
+    stored as read-only views. Every check failure is a ``ValueError`` naming the field.
+    """
+
+    diffraction: np.ndarray
+    probe: np.ndarray
+    xcoords: np.ndarray
+    ycoords: np.ndarray
+    object: np.ndarray | None = None
+    scan_index: np.ndarray | None = None
+    nphotons: float | None = None
+    seed: int | None = None
+    source: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: assign the coerced arrays once
+        diffraction = np.asarray(self.diffraction)
+        if diffraction.ndim != 3 or diffraction.shape[1] != diffraction.shape[2]:
+            raise ValueError(
+                f"Scan.diffraction: expected amplitudes of shape (M, N, N), got shape "
+                f"{diffraction.shape}"
+            )
+        m, n = diffraction.shape[0], diffraction.shape[1]
+        if m == 0:
+            raise ValueError("Scan.diffraction: the scan is empty (M = 0 patterns)")
+        if n < 16 or n % 2:
+            raise ValueError(f"Scan.diffraction: pattern size N must be even and >= 16, got {n}")
+        if np.iscomplexobj(diffraction):
+            raise ValueError(
+                "Scan.diffraction: expected real amplitudes sqrt(counts), got a complex array"
+            )
+        diffraction = diffraction.astype(np.float32, copy=False)
+        for start in range(0, m, _CHUNK):
+            chunk = diffraction[start : start + _CHUNK]
+            if not np.isfinite(chunk).all():
+                bad = start + int(np.argmin(np.isfinite(chunk).all(axis=(1, 2))))
+                raise ValueError(
+                    f"Scan.diffraction: non-finite value (NaN or Inf) in pattern {bad}"
+                )
+            if (chunk < 0).any():
+                bad = start + int(np.argmax((chunk < 0).any(axis=(1, 2))))
+                raise ValueError(
+                    f"Scan.diffraction: negative amplitude in pattern {bad}; amplitudes are "
+                    "sqrt(counts) >= 0"
+                )
+        set_(self, "diffraction", _readonly(diffraction))
+
+        probe = np.asarray(self.probe)
+        if probe.shape != (n, n):
+            raise ValueError(f"Scan.probe: expected shape ({n}, {n}) to match N, got {probe.shape}")
+        probe = probe.astype(np.complex64, copy=False)
+        if not np.isfinite(probe).all():
+            raise ValueError("Scan.probe: contains NaN or Inf")
+        set_(self, "probe", _readonly(probe))
+
+        for name in ("xcoords", "ycoords"):
+            coords = np.asarray(getattr(self, name))
+            if np.iscomplexobj(coords) or coords.dtype.kind not in "fiu":
+                raise ValueError(f"Scan.{name}: expected real numbers, got dtype {coords.dtype}")
+            if coords.shape != (m,):
+                raise ValueError(
+                    f"Scan.{name}: expected shape ({m},), one position per pattern, got "
+                    f"{coords.shape}"
+                )
+            coords = coords.astype(np.float64, copy=False)
+            if not np.isfinite(coords).all():
+                raise ValueError(f"Scan.{name}: contains NaN or Inf")
+            set_(self, name, _readonly(coords))
+
+        if self.scan_index is None:
+            set_(self, "scan_index", _readonly(np.zeros(m, np.int64)))
+        else:
+            index = np.asarray(self.scan_index)
+            if index.shape != (m,) or index.dtype.kind not in "iu":
+                raise ValueError(
+                    f"Scan.scan_index: expected integers of shape ({m},), got {index.dtype} "
+                    f"{index.shape}"
+                )
+            set_(self, "scan_index", _readonly(index.astype(np.int64, copy=False)))
+
+        if self.object is not None:
+            obj = np.asarray(self.object)
+            if obj.ndim != 2:
+                raise ValueError(f"Scan.object: expected a 2-D (H, W) array, got shape {obj.shape}")
+            obj = obj.astype(np.complex64, copy=False)
+            if not np.isfinite(obj).all():
+                raise ValueError("Scan.object: contains NaN or Inf")
+            height, width = obj.shape
+            outside = (
+                (self.xcoords < 0)
+                | (self.xcoords > width - 1)
+                | (self.ycoords < 0)
+                | (self.ycoords > height - 1)
+            )
+            if outside.any():
+                j = int(np.argmax(outside))
+                raise ValueError(
+                    f"Scan.xcoords/ycoords: position {j} (x={self.xcoords[j]:.2f}, "
+                    f"y={self.ycoords[j]:.2f}) lies outside the object of shape {obj.shape}; "
+                    "positions are patch centres in object pixels"
+                )
+            set_(self, "object", _readonly(obj))
+
+        if self.nphotons is not None:
+            nphotons = float(self.nphotons)
+            if not (np.isfinite(nphotons) and nphotons > 0):
+                raise ValueError(
+                    f"Scan.nphotons: expected a positive number, got {self.nphotons!r}"
+                )
+            set_(self, "nphotons", nphotons)
+
+    # ---------------------------------------------------------------------------------
+
+    @property
+    def n(self) -> int:
+        """Pattern (and probe) size N in pixels."""
+        return int(self.diffraction.shape[1])
+
+    @property
+    def n_positions(self) -> int:
+        """Number of scan positions M."""
+        return int(self.diffraction.shape[0])
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(M, 2) patch centres as [x, y] in object pixels."""
+        return np.stack([self.xcoords, self.ycoords], axis=1)
+
+    def replace(self, **changes) -> Scan:
+        """A new Scan with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def subset(self, indices) -> Scan:
+        """A Scan of the patterns ``indices`` (same probe and object)."""
+        indices = np.asarray(indices)
+        return self.replace(
+            diffraction=self.diffraction[indices],
+            xcoords=self.xcoords[indices],
+            ycoords=self.ycoords[indices],
+            scan_index=self.scan_index[indices],
+        )
+
+    def __repr__(self) -> str:
+        obj = "none" if self.object is None else "x".join(map(str, self.object.shape))
+        return (
+            f"Scan(M={self.n_positions}, N={self.n}, object={obj}, nphotons={self.nphotons}, "
+            f"source={self.source!r})"
+        )

@@ -1,0 +1,360 @@
+"""Simulated ptychography scans: objects, probes, scan paths, Poisson noise.
+
+Everything is generated locally from a seed; nothing is downloaded. The ``image``
+object kind reads test images that ship inside scikit-image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.ndimage
+
+from ptycho.data.scan import Scan
+from ptycho.physics import far_field
+from ptycho.stitch import extract_patches
+
+__all__ = [
+    "OBJECT_KINDS",
+    "PROBE_KINDS",
+    "SCAN_KINDS",
+    "make_object",
+    "make_probe",
+    "scan_positions",
+    "simulate",
+]
+
+OBJECT_KINDS = ("lines", "grf", "image")
+PROBE_KINDS = ("disk", "fresnel", "gaussian")
+SCAN_KINDS = ("grid", "spiral", "random")
+BUNDLED_IMAGES = (
+    "camera",
+    "moon",
+    "coins",
+    "text",
+    "brick",
+    "grass",
+    "gravel",
+    "page",
+    "cell",
+    "astronaut",
+)  # scikit-image test images bundled with the package (no download)
+
+GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
+
+
+def _normalise(texture: np.ndarray) -> np.ndarray:
+    """Map a texture to [0, 1] (robust to a few outliers)."""
+    low, high = np.percentile(texture, [0.5, 99.5])
+    if high <= low:
+        return np.zeros_like(texture)
+    return np.clip((texture - low) / (high - low), 0.0, 1.0)
+
+
+def lines_texture(
+    size: tuple[int, int], rng: np.random.Generator, *, density: float = 2.5e-3, blur: float = 1.0
+) -> np.ndarray:
+    """Random blurred line segments (PtychoPINN's simulated ``lines`` object), in [0, 1].
+
+    ``density`` is the number of segments per pixel of area; segments have random
+    orientation, length (up to a quarter of the size) and strength.
+    """
+    from skimage.draw import line_aa
+
+    height, width = size
+    canvas = np.zeros(size, np.float64)
+    count = max(1, int(density * height * width))
+    for _ in range(count):
+        y0, x0 = rng.uniform(0, height), rng.uniform(0, width)
+        angle = rng.uniform(0, np.pi)
+        length = rng.uniform(0.02, 0.25) * max(height, width)
+        y1 = np.clip(y0 + length * np.sin(angle), 0, height - 1)
+        x1 = np.clip(x0 + length * np.cos(angle), 0, width - 1)
+        rr, cc, val = line_aa(int(y0), int(x0), int(y1), int(x1))
+        keep = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+        canvas[rr[keep], cc[keep]] += rng.uniform(0.3, 1.0) * val[keep]
+    return _normalise(scipy.ndimage.gaussian_filter(canvas, blur))
+
+
+def grf_texture(
+    size: tuple[int, int], rng: np.random.Generator, *, correlation_length: float = 4.0
+) -> np.ndarray:
+    """Gaussian random field with a Gaussian spectrum of the given correlation length
+    (pixels), mapped to [0, 1]."""
+    noise = rng.normal(size=size)
+    return _normalise(scipy.ndimage.gaussian_filter(noise, correlation_length, mode="wrap"))
+
+
+def image_texture(name: str, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A grey-level scikit-image test image, randomly cropped (or resized) to ``size``,
+    in [0, 1]."""
+    import skimage.color
+    import skimage.data
+    import skimage.transform
+
+    if name not in BUNDLED_IMAGES:
+        raise ValueError(f"image name must be one of {list(BUNDLED_IMAGES)}, got {name!r}")
+    image = np.asarray(getattr(skimage.data, name)(), np.float64)
+    if image.ndim == 3:
+        image = skimage.color.rgb2gray(image[..., :3])
+    height, width = size
+    if image.shape[0] < height or image.shape[1] < width:
+        scale = max(height / image.shape[0], width / image.shape[1])
+        shape = (math.ceil(image.shape[0] * scale), math.ceil(image.shape[1] * scale))
+        image = skimage.transform.resize(image, shape, anti_aliasing=True)
+    top = rng.integers(0, image.shape[0] - height + 1)
+    left = rng.integers(0, image.shape[1] - width + 1)
+    return _normalise(image[top : top + height, left : left + width])
+
+
+def make_object(
+    size: tuple[int, int],
+    *,
+    kind: str = "lines",
+    amplitude_range: tuple[float, float] = (0.2, 1.0),
+    phase_range: tuple[float, float] = (-math.pi / 2, math.pi / 2),
+    images: tuple[str, str] = ("camera", "moon"),
+    correlation_length: float = 4.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """A complex (H, W) object with independent amplitude and phase textures.
+
+    Parameters
+    ----------
+    size : (H, W)
+    kind : {"lines", "grf", "image"}
+    amplitude_range : (low, high)
+        Amplitude (transmission modulus) range, e.g. (0.2, 1.0).
+    phase_range : (low, high)
+        Phase range in radians.
+    images : (amplitude image, phase image)
+        Names of bundled scikit-image test images for ``kind="image"``; they must differ.
+    correlation_length : float
+        Pixels, for ``kind="grf"``.
+    seed : int
+
+    Returns
+    -------
+    (H, W) complex64, ``A exp(i phi)``.
+    """
+    if kind not in OBJECT_KINDS:
+        raise ValueError(f"object kind must be one of {list(OBJECT_KINDS)}, got {kind!r}")
+    low, high = amplitude_range
+    if not 0 <= low <= high:
+        raise ValueError(f"amplitude_range must satisfy 0 <= low <= high, got {amplitude_range}")
+    if phase_range[0] > phase_range[1]:
+        raise ValueError(f"phase_range must satisfy low <= high, got {phase_range}")
+    rng = np.random.default_rng(seed)
+    size = (int(size[0]), int(size[1]))
+    if kind == "lines":
+        amp_tex, phase_tex = lines_texture(size, rng), lines_texture(size, rng)
+    elif kind == "grf":
+        amp_tex = grf_texture(size, rng, correlation_length=correlation_length)
+        phase_tex = grf_texture(size, rng, correlation_length=correlation_length)
+    else:
+        if images[0] == images[1]:
+            raise ValueError(f"amplitude and phase images must differ, got {images}")
+        amp_tex, phase_tex = (image_texture(name, size, rng) for name in images)
+    amplitude = low + (high - low) * amp_tex
+    phase = phase_range[0] + (phase_range[1] - phase_range[0]) * phase_tex
+    return (amplitude * np.exp(1j * phase)).astype(np.complex64)
+
+
+def make_probe(
+    n: int,
+    *,
+    kind: str = "disk",
+    radius: float = 0.25,
+    blur: float = 1.5,
+    fresnel_number: float = 8.0,
+) -> np.ndarray:
+    """An (N, N) probe, maximum modulus 1.
+
+    Parameters
+    ----------
+    n : int
+    kind : {"disk", "fresnel", "gaussian"}
+        ``disk``: circular aperture low-passed by a Gaussian of ``blur`` pixels (flat
+        top, soft edge, flat phase). ``fresnel``: the aperture propagated in the Fresnel
+        approximation to Fresnel number ``a^2 / (lambda z) = fresnel_number``: Fresnel
+        rings in the modulus and a curved phase. ``gaussian``: a Gaussian of standard
+        deviation ``radius * N / 2``.
+    radius : float
+        Aperture radius as a fraction of N.
+    """
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"probe kind must be one of {list(PROBE_KINDS)}, got {kind!r}")
+    if not 0 < radius <= 0.5:
+        raise ValueError(f"probe radius must be in (0, 0.5] (fraction of N), got {radius}")
+    coords = np.arange(n) - n / 2
+    r2 = coords[None, :] ** 2 + coords[:, None] ** 2
+    a = radius * n
+    if kind == "gaussian":
+        probe = np.exp(-r2 / (2 * (a / 2) ** 2)).astype(np.complex128)
+    else:
+        aperture = (r2 <= a**2).astype(np.float64)
+        if kind == "disk":
+            probe = scipy.ndimage.gaussian_filter(aperture, blur).astype(np.complex128)
+        else:
+            # Fresnel propagation: multiply the spectrum by exp(-i pi lambda z |f|^2) with
+            # lambda z = a^2 / F and f in cycles per pixel.
+            freq = np.fft.fftfreq(n)
+            f2 = freq[None, :] ** 2 + freq[:, None] ** 2
+            kernel = np.exp(-1j * np.pi * (a**2 / fresnel_number) * f2)
+            probe = np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(aperture)) * kernel)
+            probe = np.fft.fftshift(probe)
+    return (probe / np.abs(probe).max()).astype(np.complex64)
+
+
+def scan_positions(
+    n_positions: int,
+    *,
+    kind: str = "grid",
+    step: float = 16.0,
+    jitter: float = 0.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scan path relative to its own corner: (x, y) in pixels, min 0.
+
+    Parameters
+    ----------
+    n_positions : int
+    kind : {"grid", "spiral", "random"}
+        ``grid``: row-major raster of ceil(sqrt(M)) columns. ``spiral``: Fermat spiral
+        (golden-angle), mean nearest-neighbour distance ~ ``step``. ``random``:
+        uniform over a square of the grid's extent.
+    step : float
+        Pixels between neighbouring positions.
+    jitter : float
+        Standard deviation in pixels of Gaussian noise added to every position.
+    """
+    if kind not in SCAN_KINDS:
+        raise ValueError(f"scan kind must be one of {list(SCAN_KINDS)}, got {kind!r}")
+    if n_positions < 1:
+        raise ValueError(f"n_positions must be >= 1, got {n_positions}")
+    if step <= 0:
+        raise ValueError(f"scan step must be > 0 pixels, got {step}")
+    rng = np.random.default_rng(seed)
+    if kind == "grid":
+        side = math.ceil(math.sqrt(n_positions))
+        k = np.arange(n_positions)
+        x, y = (k % side) * step, (k // side) * step
+    elif kind == "spiral":
+        k = np.arange(n_positions)
+        radius = step * np.sqrt(k / np.pi)  # one point per step^2 of area
+        x, y = radius * np.cos(k * GOLDEN_ANGLE), radius * np.sin(k * GOLDEN_ANGLE)
+    else:
+        extent = step * math.ceil(math.sqrt(n_positions))
+        x, y = rng.uniform(0, extent, n_positions), rng.uniform(0, extent, n_positions)
+    x = x + rng.normal(0, jitter, n_positions) if jitter else x
+    y = y + rng.normal(0, jitter, n_positions) if jitter else y
+    return x - x.min(), y - y.min()
+
+
+def simulate(
+    *,
+    n: int = 64,
+    n_positions: int = 256,
+    object_kind: str = "lines",
+    amplitude_range: tuple[float, float] = (0.2, 1.0),
+    phase_range: tuple[float, float] = (-math.pi / 2, math.pi / 2),
+    images: tuple[str, str] = ("camera", "moon"),
+    correlation_length: float = 4.0,
+    probe: str | np.ndarray = "disk",
+    probe_radius: float = 0.25,
+    fresnel_number: float = 8.0,
+    scan: str = "grid",
+    step: float = 0.25,
+    jitter: float = 0.0,
+    nphotons: float | None = 1e9,
+    margin: int = 2,
+    seed: int = 0,
+) -> Scan:
+    """Simulate a far-field ptychography scan.
+
+    Parameters
+    ----------
+    n : int
+        Pattern size N (even, >= 16).
+    n_positions : int
+        Number of scan positions M.
+    object_kind, amplitude_range, phase_range, images, correlation_length
+        See :func:`make_object`. The object is just large enough for every patch (plus
+        ``margin`` pixels).
+    probe : {"disk", "fresnel", "gaussian"} or (N, N) complex array
+        See :func:`make_probe`; ``probe_radius`` (fraction of N) and
+        ``fresnel_number`` shape it.
+    scan : {"grid", "spiral", "random"}
+        See :func:`scan_positions`.
+    step : float
+        Distance between neighbouring positions as a fraction of N (overlap).
+    jitter : float
+        Position noise, standard deviation as a fraction of N.
+    nphotons : float or None
+        Mean total counts per pattern: the stored amplitudes are ``sqrt(counts)`` with
+        ``counts ~ Poisson(s |Psi|^2)`` and ``s`` set so the expected total per pattern
+        averages ``nphotons``. None: noiseless, unscaled ``|Psi|``.
+    margin : int
+        Pixels of object around the outermost patches.
+    seed : int
+        Seeds the object, the scan path and the noise.
+
+    Returns
+    -------
+    Scan with ``object`` set (the ground truth) and positions in object pixels.
+    """
+    if n < 16 or n % 2:
+        raise ValueError(f"n must be even and >= 16, got {n}")
+    if nphotons is not None and not nphotons > 0:
+        raise ValueError(f"nphotons must be > 0 or None (noiseless), got {nphotons}")
+    if isinstance(probe, str):
+        probe_array = make_probe(n, kind=probe, radius=probe_radius, fresnel_number=fresnel_number)
+    else:
+        probe_array = np.asarray(probe, np.complex64)
+        if probe_array.shape != (n, n):
+            raise ValueError(f"probe array must have shape ({n}, {n}), got {probe_array.shape}")
+    seeds = np.random.SeedSequence(seed).spawn(3)
+    x, y = scan_positions(
+        n_positions,
+        kind=scan,
+        step=step * n,
+        jitter=jitter * n,
+        seed=int(seeds[0].generate_state(1)[0]),
+    )
+    x, y = x + n / 2 + margin, y + n / 2 + margin
+    size = (math.ceil(y.max() + n / 2) + margin + 1, math.ceil(x.max() + n / 2) + margin + 1)
+    obj = make_object(
+        size,
+        kind=object_kind,
+        amplitude_range=amplitude_range,
+        phase_range=phase_range,
+        images=images,
+        correlation_length=correlation_length,
+        seed=int(seeds[1].generate_state(1)[0]),
+    )
+    patches = extract_patches(obj, x, y, n)
+    intensity = np.empty((n_positions, n, n), np.float64)
+    for start in range(0, n_positions, 512):
+        stop = start + 512
+        intensity[start:stop] = np.abs(far_field(probe_array * patches[start:stop])) ** 2
+    if nphotons is None:
+        amplitudes = np.sqrt(intensity)
+    else:
+        scale = nphotons / intensity.sum(axis=(1, 2)).mean()
+        noise_rng = np.random.default_rng(seeds[2])
+        amplitudes = np.sqrt(noise_rng.poisson(scale * intensity))
+    description = (
+        f"simulated: object={object_kind} probe="
+        f"{probe if isinstance(probe, str) else 'array'} scan={scan} n={n} M={n_positions}"
+    )
+    return Scan(
+        diffraction=amplitudes.astype(np.float32),
+        probe=probe_array,
+        xcoords=x,
+        ycoords=y,
+        object=obj,
+        nphotons=nphotons,
+        seed=seed,
+        source=description,
+    )

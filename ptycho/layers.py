@@ -7,12 +7,25 @@ after ``import ptycho`` and no custom-object dictionaries.
 
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 import tensorflow as tf
 
+from ptycho.physics import far_field_amplitude_tf
 from ptycho.warp import BACKENDS, INTERPOLATIONS, translate
 
-__all__ = ["Translation"]
+__all__ = [
+    "AmplitudeScale",
+    "CombineComplex",
+    "FarFieldAmplitude",
+    "Illumination",
+    "IntensityScale",
+    "ReassemblePatches",
+    "Translation",
+    "set_translate_backend",
+]
 
 
 @keras.saving.register_keras_serializable(package="ptycho")
@@ -64,6 +77,9 @@ class Translation(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if self.jitter_stddev else None
 
+    def build(self, images_shape=None, offsets_shape=None):
+        self.built = True  # no weights (the jitter's seed state is made in __init__)
+
     def call(self, images, offsets, training=None):
         offsets = tf.cast(offsets, tf.float32)
         if training and self.seed_generator is not None:
@@ -87,3 +103,231 @@ class Translation(keras.layers.Layer):
             seed=self.seed,
         )
         return config
+
+
+def set_translate_backend(model: keras.Model, backend: str) -> int:
+    """Set the warp backend of every :class:`Translation` inside ``model``.
+
+    The backend is read when the model is traced, so call this before the first
+    ``fit``/``predict`` (or recompile). Returns the number of layers changed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, Translation):
+            layer.backend = backend
+            count += 1
+    return count
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class AmplitudeScale(keras.layers.Layer):
+    """Multiply diffraction amplitudes by the dataset's normalisation factor.
+
+    The factor is part of the model's configuration, so a saved model applies the
+    same scale at inference as in training. (B, N, N, C) -> (B, N, N, C).
+    """
+
+    def __init__(self, factor: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"normalisation factor must be a positive number, got {factor}")
+        self.factor = float(factor)
+
+    def call(self, amplitudes):
+        return tf.cast(amplitudes, tf.float32) * self.factor
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class CombineComplex(keras.layers.Layer):
+    """Polar combination ``A * exp(i * phase_scale * tanh(t))`` of the two decoder heads.
+
+    (B, N, N, C) amplitude and (B, N, N, C) phase logits -> complex64 (B, N, N, C).
+    (Polar form: PtychoPINN's ``A + i phi`` is not a transmission function.)
+    """
+
+    def __init__(self, phase_scale: float = math.pi, **kwargs):
+        super().__init__(**kwargs)
+        self.phase_scale = float(phase_scale)
+
+    def call(self, amplitude, phase_logits):
+        phase = self.phase_scale * tf.tanh(tf.cast(phase_logits, tf.float32))
+        amplitude = tf.cast(amplitude, tf.float32)
+        return tf.complex(amplitude * tf.cos(phase), amplitude * tf.sin(phase))
+
+    def compute_output_spec(self, amplitude, phase_logits):
+        return keras.KerasTensor(amplitude.shape, dtype="complex64")
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "phase_scale": self.phase_scale}
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class ReassemblePatches(keras.layers.Layer):
+    """Overlap constraint for gridsize > 1 (PtychoPINN's "object_big").
+
+    Each of the C patches of a group is placed on a canvas of N + 2 * ``pad`` pixels,
+    translated by its offset from the group centre, summed and divided by the overlap
+    count; C patches are then cut back out by translating by minus the offsets and
+    cropping the centre. The result is C patches of one consistent object, and the
+    translations are where the warp backend sits in the training graph.
+
+    Call: ``layer(patches, offsets)`` with patches (B, N, N, C) complex and offsets
+    (B, C, 2) ``[dx, dy]`` pixels; returns (B, N, N, C) complex.
+    """
+
+    def __init__(self, pad: int = 16, backend: str = "xla", **kwargs):
+        super().__init__(**kwargs)
+        if pad < 0:
+            raise ValueError(f"canvas pad must be >= 0 pixels, got {pad}")
+        self.pad = int(pad)
+        self.translation = Translation(backend=backend, name="translation")
+
+    def build(self, patches_shape=None, offsets_shape=None):
+        self.translation.build()
+        self.built = True
+
+    def call(self, patches, offsets):
+        shape = tf.shape(patches)
+        batch, n, channels = shape[0], shape[1], shape[3]
+        pad = self.pad
+        size = n + 2 * pad
+        # Every patch is its own image: (B, N, N, C) -> (B * C, N, N) with a real and an
+        # imaginary channel plus a channel of ones that becomes its overlap weight, so
+        # placing patches and weights is one translation call.
+        flat = tf.reshape(tf.transpose(patches, (0, 3, 1, 2)), (-1, n, n))
+        real, imag = tf.math.real(flat), tf.math.imag(flat)
+        stacked = tf.stack([real, imag, tf.ones_like(real)], axis=-1)
+        canvas = tf.pad(stacked, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        shifts = tf.reshape(tf.cast(offsets, tf.float32), (-1, 2))
+        placed = tf.reshape(self.translation(canvas, shifts), (batch, channels, size, size, 3))
+        total = tf.reduce_sum(placed, axis=1)  # (B, size, size, 3)
+        count = total[..., 2]
+        covered = count > 1e-3
+        safe = tf.where(covered, count, tf.ones_like(count))
+        zero = tf.zeros_like(count)
+        merged = tf.complex(
+            tf.where(covered, total[..., 0] / safe, zero),
+            tf.where(covered, total[..., 1] / safe, zero),
+        )
+        copies = tf.reshape(
+            tf.broadcast_to(merged[:, None, :, :, None], (batch, channels, size, size, 1)),
+            (-1, size, size, 1),
+        )
+        back = self.translation(copies, -shifts)[:, pad : pad + n, pad : pad + n, 0]
+        return tf.transpose(tf.reshape(back, (batch, channels, n, n)), (0, 2, 3, 1))
+
+    def compute_output_spec(self, patches, offsets):
+        return keras.KerasTensor(patches.shape, dtype=patches.dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "pad": self.pad, "backend": self.translation.backend}
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class Illumination(keras.layers.Layer):
+    """Exit waves ``P * O``: multiply (B, N, N, C) object patches by the probe.
+
+    The probe is a weight (real and imaginary parts), trainable or fixed; it is saved
+    with the model. ``mask_radius`` (fraction of N) multiplies it by a circular support.
+    """
+
+    def __init__(
+        self, n: int, trainable_probe: bool = False, mask_radius: float | None = None, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.n = int(n)
+        self.trainable_probe = bool(trainable_probe)
+        self.mask_radius = None if mask_radius is None else float(mask_radius)
+        shape = (self.n, self.n)
+        self.probe_real = self.add_weight(
+            name="probe_real", shape=shape, initializer="zeros", trainable=self.trainable_probe
+        )
+        self.probe_imag = self.add_weight(
+            name="probe_imag", shape=shape, initializer="zeros", trainable=self.trainable_probe
+        )
+        if self.mask_radius is None:
+            self.mask = None
+        else:
+            coords = np.arange(self.n) - self.n / 2
+            r = np.hypot(coords[None, :], coords[:, None])
+            self.mask = tf.constant((r <= self.mask_radius * self.n).astype(np.float32))
+
+    def set_probe(self, probe) -> None:
+        probe = np.asarray(probe, np.complex64)
+        if probe.shape != (self.n, self.n):
+            raise ValueError(f"probe must have shape ({self.n}, {self.n}), got {probe.shape}")
+        self.probe_real.assign(probe.real)
+        self.probe_imag.assign(probe.imag)
+
+    @property
+    def probe(self) -> tf.Tensor:
+        """(N, N) complex64, masked."""
+        real, imag = self.probe_real, self.probe_imag
+        if self.mask is not None:
+            real, imag = real * self.mask, imag * self.mask
+        return tf.complex(tf.convert_to_tensor(real), tf.convert_to_tensor(imag))
+
+    def call(self, patches):
+        return tf.cast(patches, tf.complex64) * self.probe[None, :, :, None]
+
+    def compute_output_spec(self, patches):
+        return keras.KerasTensor(patches.shape, dtype="complex64")
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "n": self.n,
+            "trainable_probe": self.trainable_probe,
+            "mask_radius": self.mask_radius,
+        }
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class FarFieldAmplitude(keras.layers.Layer):
+    """``|fftshift(fft2(x)) / N|`` per channel: (B, N, N, C) complex -> float32."""
+
+    def call(self, exit_waves):
+        return far_field_amplitude_tf(exit_waves)
+
+    def compute_output_spec(self, exit_waves):
+        return keras.KerasTensor(exit_waves.shape, dtype="float32")
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class IntensityScale(keras.layers.Layer):
+    """Multiply amplitudes by a trainable ``exp(log_scale)`` (intensity by its square).
+
+    Maps the physics' amplitudes to the units of the normalised measurements.
+    """
+
+    def __init__(self, initial_log_scale: float = 0.0, trainable_scale: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_log_scale = float(initial_log_scale)
+        self.trainable_scale = bool(trainable_scale)
+        self.log_scale = self.add_weight(
+            name="log_scale",
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_log_scale),
+            trainable=self.trainable_scale,
+        )
+
+    def call(self, amplitudes):
+        return amplitudes * tf.exp(tf.convert_to_tensor(self.log_scale))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "initial_log_scale": self.initial_log_scale,
+            "trainable_scale": self.trainable_scale,
+        }

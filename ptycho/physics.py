@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["far_field", "far_field_amplitude"]
+__all__ = ["far_field", "far_field_amplitude", "far_field_amplitude_tf"]
 
 
 def far_field(exit_waves: np.ndarray) -> np.ndarray:
@@ -27,3 +27,16 @@ def far_field(exit_waves: np.ndarray) -> np.ndarray:
 def far_field_amplitude(probe: np.ndarray, patches: np.ndarray) -> np.ndarray:
     """``|far_field(probe * patches)|`` for (N, N) probe and (..., N, N) patches."""
     return np.abs(far_field(np.asarray(probe) * np.asarray(patches)))
+
+
+def far_field_amplitude_tf(exit_waves):
+    """TensorFlow twin of :func:`far_field_amplitude` on (B, N, N, C) exit waves.
+
+    Returns ``|fftshift(fft2(x)) / N|`` per channel, (B, N, N, C) float32.
+    """
+    import tensorflow as tf
+
+    n = tf.cast(tf.shape(exit_waves)[1], tf.float32)
+    waves = tf.transpose(tf.cast(exit_waves, tf.complex64), (0, 3, 1, 2))  # (B, C, N, N)
+    spectrum = tf.signal.fftshift(tf.signal.fft2d(waves), axes=(-2, -1))
+    return tf.transpose(tf.abs(spectrum), (0, 2, 3, 1)) / n

@@ -396,20 +396,30 @@ def test_normalisation_factor_sets_mean_energy_and_pipeline_streams_batches():
     ordered = make_dataset(scan, groups, norm_factor=factor, batch_size=8, shuffle=False)
     batches = list(ordered)
     assert [b[0]["diffraction"].shape[0] for b in batches] == [8, 8, 8, 1]
-    inputs = np.concatenate([b[0]["diffraction"].numpy() for b in batches])
-    np.testing.assert_allclose(inputs, expected, rtol=1e-6)
+    targets = np.concatenate([b[1]["amplitude"].numpy() for b in batches])
+    np.testing.assert_allclose(targets, expected, rtol=1e-6)
     np.testing.assert_allclose(
         np.concatenate([b[0]["offsets"].numpy() for b in batches]), offsets, rtol=1e-6
     )
-    for features, target in batches:  # unsupervised: the target is the input
-        np.testing.assert_array_equal(features["diffraction"].numpy(), target.numpy())
+    for features, target in batches:  # unsupervised: the target is the scaled input
+        np.testing.assert_allclose(
+            features["diffraction"].numpy() * np.float32(factor), target["amplitude"], rtol=1e-6
+        )
 
     def epoch(seed):
         dataset = make_dataset(scan, groups, norm_factor=factor, batch_size=8, seed=seed)
-        return np.concatenate([b[0]["diffraction"].numpy() for b in dataset])
+        return np.concatenate([b[1]["amplitude"].numpy() for b in dataset])
 
     shuffled = epoch(seed=1)
     lookup = {expected[g].tobytes(): g for g in range(len(groups))}
     order = [lookup[sample.tobytes()] for sample in shuffled]
     assert sorted(order) == list(range(25)) and order != list(range(25))
     np.testing.assert_array_equal(epoch(seed=1), shuffled)  # deterministic for a seed
+
+
+def test_gridsize_one_batches_carry_no_offsets():
+    scan = simulate(n=16, n_positions=9, seed=0)
+    groups = group_neighbours(scan.xcoords, scan.ycoords, gridsize=1)
+    inputs, target = next(iter(make_dataset(scan, groups, norm_factor=2.0, batch_size=4)))
+    assert set(inputs) == {"diffraction"} and inputs["diffraction"].shape == (4, 16, 16, 1)
+    assert set(target) == {"amplitude"}

@@ -1,10 +1,12 @@
 """Streaming training batches with ``tf.data``.
 
-A sample is a group of C positions: network input the (N, N, C) diffraction amplitudes
-scaled by the dataset's normalisation factor, and the (C, 2) offsets of the positions
-from the group centre. Only the (G, C) index table is shuffled; the amplitudes of a
-batch are gathered when the batch is needed, so no group is materialised ahead of
-time.
+A sample is a group of C positions: network input the (N, N, C) measured diffraction
+amplitudes and (for C > 1) the (C, 2) offsets of the positions from the group centre;
+target the same amplitudes scaled by the dataset's normalisation factor (the model
+applies that factor to its input itself, so a saved model needs nothing else).
+
+Only the (G, C) index table is shuffled; the amplitudes of a batch are gathered when
+the batch is needed, so no group is materialised ahead of time.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ def make_dataset(
     seed: int = 0,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of ``({"diffraction": (B, N, N, C), "offsets": (B, C, 2)}, target)``.
+    """Batches of ``({"diffraction": (B, N, N, C), "offsets": (B, C, 2)}, {"amplitude":
+    (B, N, N, C)})``.
 
-    ``target`` is the same normalised amplitude tensor (the model is unsupervised: it
-    is trained to reproduce its own input through the physics).
+    ``diffraction`` holds the measured amplitudes; ``"offsets"`` is present only when
+    C > 1. The target is the same amplitudes times ``norm_factor``: the model is
+    unsupervised, trained to reproduce its (normalised) input through the physics.
 
     Parameters
     ----------
@@ -74,10 +78,14 @@ def make_dataset(
     diffraction = tf.convert_to_tensor(scan.diffraction)  # (M, N, N), held once
     factor = tf.constant(norm_factor, tf.float32)
 
+    with_offsets = groups.shape[1] > 1
+
     def load(index, offset):
-        amplitudes = tf.gather(diffraction, index)  # (B, C, N, N)
-        amplitudes = tf.transpose(amplitudes, (0, 2, 3, 1)) * factor  # (B, N, N, C)
-        return {"diffraction": amplitudes, "offsets": offset}, amplitudes
+        amplitudes = tf.transpose(tf.gather(diffraction, index), (0, 2, 3, 1))  # (B,N,N,C)
+        inputs = {"diffraction": amplitudes}
+        if with_offsets:
+            inputs["offsets"] = offset
+        return inputs, {"amplitude": amplitudes * factor}
 
     dataset = tf.data.Dataset.from_tensor_slices((groups, offsets.astype(np.float32)))
     if shuffle:

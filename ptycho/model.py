@@ -1,0 +1,302 @@
+"""The PtychoPINN network: CNN encoder, amplitude and phase decoders, differentiable physics.
+
+Data flow (shapes for N x N patterns and C = gridsize^2 positions per sample)::
+
+    diffraction (B, N, N, C) raw amplitudes
+      -> AmplitudeScale (dataset normalisation factor, stored in the model)
+      -> encoder: [Conv3x3-ReLU x2, MaxPool2] x L            (B, N / 2^L, N / 2^L, F)
+      -> amplitude decoder, phase decoder: [Conv3x3-ReLU x2, UpSample2] x L, Conv3x3
+      -> CombineComplex: A exp(i pi tanh(t))                  object patches (B, N, N, C)
+      -> ReassemblePatches with offsets (B, C, 2)             (gridsize > 1 only)
+      -> Illumination (probe) -> FarFieldAmplitude -> IntensityScale
+      -> predicted amplitudes (B, N, N, C), in the units of the normalised data
+
+The model is trained unsupervised: the loss compares the predicted amplitudes with the
+(normalised) measured ones. Every piece is a registered Keras layer, so ``.keras``
+files load with ``safe_mode=True``; the warp backend is a runtime choice
+(:func:`ptycho.layers.set_translate_backend`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ptycho.layers import (
+    AmplitudeScale,
+    CombineComplex,
+    FarFieldAmplitude,
+    Illumination,
+    IntensityScale,
+    ReassemblePatches,
+    Translation,
+    set_translate_backend,
+)
+from ptycho.warp import BACKENDS
+
+__all__ = [
+    "COMPILE_MODES",
+    "ModelConfig",
+    "PtychoLoss",
+    "build_model",
+    "compile_model",
+    "load_model",
+    "translate_backends",
+]
+
+SIZES = (64, 128, 256)
+COMPILE_MODES = ("jit", "graph", "eager")
+AMPLITUDE_ACTIVATIONS = ("sigmoid", "softplus", "relu", "exponential")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and physics options of the model.
+
+    n : pattern size N, one of 64, 128, 256.
+    gridsize : g; each sample is C = g^2 neighbouring positions.
+    filters : base filter count of the encoder (doubled per level).
+    amplitude_activation : of the amplitude head ("sigmoid" keeps |O| in (0, 1)).
+    probe_trainable : refine the probe with the network.
+    probe_mask_radius : circular probe support, fraction of N (None: no mask).
+    canvas_pad : pixels of canvas around a group's patches for the overlap constraint
+        (None: N / 4, enough for neighbour offsets of a quarter pattern).
+    """
+
+    n: int = 64
+    gridsize: int = 2
+    filters: int = 32
+    amplitude_activation: str = "sigmoid"
+    probe_trainable: bool = False
+    probe_mask_radius: float | None = None
+    canvas_pad: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n not in SIZES:
+            raise ValueError(f"model.n must be one of {list(SIZES)}, got {self.n}")
+        if self.gridsize < 1:
+            raise ValueError(f"model.gridsize must be >= 1, got {self.gridsize}")
+        if self.filters < 1:
+            raise ValueError(f"model.filters must be >= 1, got {self.filters}")
+        if self.amplitude_activation not in AMPLITUDE_ACTIVATIONS:
+            raise ValueError(
+                f"model.amplitude_activation must be one of {list(AMPLITUDE_ACTIVATIONS)}, "
+                f"got {self.amplitude_activation!r}"
+            )
+
+    @property
+    def channels(self) -> int:
+        return self.gridsize * self.gridsize
+
+    @property
+    def levels(self) -> int:
+        """Pooling levels: the bottleneck is 8 x 8 for every N."""
+        return int(math.log2(self.n)) - 3
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class PtychoLoss(keras.losses.Loss):
+    """Poisson negative log-likelihood of intensities, plus optional amplitude MAE.
+
+    With measured amplitudes ``a`` and predicted ``p`` (same normalised units), the
+    Poisson term is the deviance ``p^2 - a^2 - a^2 log(p^2 / a^2)`` averaged over
+    pixels: the negative log-likelihood of counts ``a^2`` under rate ``p^2`` up to a
+    constant (and up to the constant normalisation factor squared), zero at a perfect
+    fit. The MAE term is ``|p - a|``.
+    """
+
+    def __init__(
+        self,
+        poisson_weight: float = 1.0,
+        mae_weight: float = 0.0,
+        name: str = "ptycho_loss",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        if poisson_weight < 0 or mae_weight < 0 or poisson_weight + mae_weight == 0:
+            raise ValueError(
+                "loss weights must be >= 0 and not both zero, got "
+                f"poisson={poisson_weight}, mae={mae_weight}"
+            )
+        self.poisson_weight = float(poisson_weight)
+        self.mae_weight = float(mae_weight)
+
+    def call(self, y_true, y_pred):
+        measured = tf.cast(y_true, tf.float32)
+        predicted = tf.cast(y_pred, tf.float32)
+        loss = 0.0
+        if self.poisson_weight:
+            rate = tf.square(predicted) + 1e-6
+            counts = tf.square(measured)
+            safe = tf.where(counts > 0, counts, tf.ones_like(counts))
+            deviance = rate - counts + counts * (tf.math.log(safe) - tf.math.log(rate))
+            loss += self.poisson_weight * tf.reduce_mean(deviance, axis=(1, 2, 3))
+        if self.mae_weight:
+            loss += self.mae_weight * tf.reduce_mean(tf.abs(predicted - measured), axis=(1, 2, 3))
+        return loss
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "poisson_weight": self.poisson_weight,
+            "mae_weight": self.mae_weight,
+        }
+
+
+def _conv(filters: int, name: str, activation="relu"):
+    return keras.layers.Conv2D(filters, 3, padding="same", activation=activation, name=name)
+
+
+def _decoder(x, config: ModelConfig, head: str, activation):
+    for level in reversed(range(config.levels)):
+        filters = config.filters * 2**level
+        x = _conv(filters, f"{head}_conv{level}a")(x)
+        x = _conv(filters, f"{head}_conv{level}b")(x)
+        x = keras.layers.UpSampling2D(2, name=f"{head}_up{level}")(x)
+    return _conv(config.channels, f"{head}_out", activation=activation)(x)
+
+
+def initial_log_scale(probe: np.ndarray, n: int) -> float:
+    """Log intensity scale at which an object of modulus 1 matches the normalised data.
+
+    Normalised data carry a mean energy of (N/2)^2 per pattern, and the unitary far
+    field keeps the exit wave's energy ``sum |P|^2``.
+    """
+    energy = float(np.sum(np.abs(probe) ** 2))
+    if not energy > 0:
+        raise ValueError("the probe is zero everywhere")
+    return math.log(n / 2) - 0.5 * math.log(energy)
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    probe: np.ndarray,
+    norm_factor: float,
+    translate_backend: str = "xla",
+) -> tuple[keras.Model, keras.Model]:
+    """Build the training model and the inference model (shared weights).
+
+    Parameters
+    ----------
+    config : ModelConfig
+    probe : (N, N) complex
+        Initial probe (fixed unless ``config.probe_trainable``).
+    norm_factor : float
+        Dataset normalisation factor (:func:`ptycho.data.normalisation_factor` of the
+        training scan); stored in the model.
+    translate_backend : {"xla", "legacy"}
+
+    Returns
+    -------
+    training_model
+        ``{"diffraction": (B, N, N, C)[, "offsets": (B, C, 2)]}`` ->
+        ``{"amplitude": (B, N, N, C), "intensity": (B, N, N, C), "object": (B, N, N, C)
+        complex}``; the loss goes on ``"amplitude"``.
+    inference_model
+        The same inputs -> object patches (B, N, N, C) complex64 (after the overlap
+        constraint when gridsize > 1).
+    """
+    if translate_backend not in BACKENDS:
+        raise ValueError(f"translate must be one of {list(BACKENDS)}, got {translate_backend!r}")
+    n, c = config.n, config.channels
+    probe = np.asarray(probe, np.complex64)
+    if probe.shape != (n, n):
+        raise ValueError(f"probe must be ({n}, {n}) for model.n={n}, got {probe.shape}")
+
+    diffraction = keras.Input((n, n, c), name="diffraction")
+    inputs = {"diffraction": diffraction}
+    x = AmplitudeScale(norm_factor, name="normalise")(diffraction)
+    for level in range(config.levels):
+        filters = config.filters * 2**level
+        x = _conv(filters, f"encoder_conv{level}a")(x)
+        x = _conv(filters, f"encoder_conv{level}b")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{level}")(x)
+    amplitude = _decoder(x, config, "amplitude", config.amplitude_activation)
+    phase_logits = _decoder(x, config, "phase", None)
+    patches = CombineComplex(name="object")(amplitude, phase_logits)
+    if c > 1:
+        offsets = keras.Input((c, 2), name="offsets")
+        inputs["offsets"] = offsets
+        pad = n // 4 if config.canvas_pad is None else config.canvas_pad
+        patches = ReassemblePatches(pad=pad, backend=translate_backend, name="reassemble")(
+            patches, offsets
+        )
+    illumination = Illumination(
+        n,
+        trainable_probe=config.probe_trainable,
+        mask_radius=config.probe_mask_radius,
+        name="illumination",
+    )
+    far = FarFieldAmplitude(name="far_field")(illumination(patches))
+    predicted = IntensityScale(initial_log_scale(probe, n), name="amplitude")(far)
+    intensity = keras.layers.Multiply(name="intensity")([predicted, predicted])
+    illumination.set_probe(probe)
+    training = keras.Model(
+        inputs,
+        {"amplitude": predicted, "intensity": intensity, "object": patches},
+        name="ptychopinn",
+    )
+    inference = keras.Model(inputs, patches, name="ptychopinn_inference")
+    return training, inference
+
+
+def compile_model(
+    model: keras.Model,
+    mode: str,
+    *,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 1e-3,
+    poisson_weight: float = 1.0,
+    mae_weight: float = 0.0,
+) -> keras.Model:
+    """Compile for ``mode`` in {"jit", "graph", "eager"} with Adam and :class:`PtychoLoss`.
+
+    ``jit`` sets ``jit_compile=True`` and verifies Keras kept it (Keras silently drops
+    XLA for some layers and under op determinism); a model whose translations use the
+    legacy backend is refused for ``jit``: that op has no XLA kernel.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
+    if mode == "jit" and "legacy" in translate_backends(model):
+        raise ValueError(
+            "translate=legacy cannot be compiled with XLA (compile=jit): "
+            "ImageProjectiveTransformV3 has no XLA kernel. Use translate=xla, or "
+            "compile=graph for the legacy path."
+        )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss={"amplitude": PtychoLoss(poisson_weight, mae_weight)},
+        jit_compile=(mode == "jit"),
+        run_eagerly=(mode == "eager"),
+    )
+    if mode == "jit" and model.jit_compile is not True:
+        raise RuntimeError(
+            "Keras turned XLA off for this model (a layer with supports_jit=False, or op "
+            "determinism enabled); compile=jit cannot be honoured"
+        )
+    return model
+
+
+def translate_backends(model: keras.Model) -> set[str]:
+    """The warp backends of the Translation layers inside ``model``."""
+    return {
+        layer.backend
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, Translation)
+    }
+
+
+def load_model(path, *, translate_backend: str | None = None) -> keras.Model:
+    """Load a saved model (``safe_mode=True``), optionally switching the warp backend."""
+    model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    if translate_backend is not None:
+        set_translate_backend(model, translate_backend)
+    return model
+
+
+def model_config_dict(config: ModelConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,257 @@
+"""The PtychoPINN model: physics convention, overlap constraint, training, saving."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ptycho  # noqa: F401
+from ptycho.data import (
+    group_neighbours,
+    group_offsets,
+    make_dataset,
+    normalisation_factor,
+    simulate,
+)
+from ptycho.layers import FarFieldAmplitude, Illumination, ReassemblePatches
+from ptycho.model import (
+    ModelConfig,
+    PtychoLoss,
+    build_model,
+    compile_model,
+    load_model,
+    translate_backends,
+)
+from ptycho.stitch import extract_patches
+
+
+@pytest.fixture(scope="module")
+def tiny_scan():
+    return simulate(n=64, n_positions=36, step=0.2, nphotons=1e6, seed=0)
+
+
+def first_batch(scan, gridsize, batch_size=8):
+    groups = group_neighbours(scan.xcoords, scan.ycoords, gridsize)
+    factor = normalisation_factor(scan.diffraction)
+    dataset = make_dataset(scan, groups, norm_factor=factor, batch_size=batch_size, shuffle=False)
+    inputs, target = next(iter(dataset))
+    return inputs, target, factor
+
+
+# --------------------------------------------------------------------------------------
+# Physics and overlap constraint against independent computations
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.05])
+def test_physics_layers_reproduce_simulated_amplitudes(jitter):
+    scan = simulate(n=64, n_positions=16, jitter=jitter, nphotons=None, seed=2)
+    # Ground-truth patches cut independently (scipy), not with the project's warp.
+    import scipy.ndimage
+
+    def cut(part, x, y):
+        grid = np.meshgrid(y - 32 + np.arange(64), x - 32 + np.arange(64), indexing="ij")
+        return scipy.ndimage.map_coordinates(part, grid, order=1, mode="grid-constant")
+
+    patches = np.stack(
+        [
+            cut(scan.object.real, x, y) + 1j * cut(scan.object.imag, x, y)
+            for x, y in zip(scan.xcoords, scan.ycoords, strict=True)
+        ]
+    )[..., None].astype(np.complex64)
+    illumination = Illumination(64)
+    illumination.set_probe(scan.probe)
+    amplitudes = FarFieldAmplitude()(illumination(patches)).numpy()[..., 0]
+    scale = scan.diffraction.max()
+    assert np.max(np.abs(amplitudes - scan.diffraction)) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("backend", ["xla", "legacy"])
+def test_reassembly_returns_patches_of_a_consistent_object(backend):
+    rng = np.random.default_rng(0)
+    obj = rng.uniform(0.5, 1, (160, 160)) * np.exp(1j * rng.uniform(-1, 1, (160, 160)))
+    obj = obj.astype(np.complex64)
+    step = 8  # integer positions with even spacing: integer offsets from group centres
+    x, y = np.meshgrid(48 + step * np.arange(6), 48 + step * np.arange(6))
+    x, y = x.ravel().astype(float), y.ravel().astype(float)
+    groups = group_neighbours(x, y, gridsize=2)
+    centres, offsets = group_offsets(x, y, groups)
+    patches = extract_patches(obj, x[groups].ravel(), y[groups].ravel(), 64)
+    patches = patches.reshape(len(groups), 4, 64, 64).transpose(0, 2, 3, 1)
+    layer = ReassemblePatches(pad=16, backend=backend)
+    out = layer(patches, offsets.astype(np.float32)).numpy()
+    np.testing.assert_allclose(out, patches, atol=1e-5)
+
+
+def test_reassembly_backends_agree_and_average_inconsistent_patches():
+    rng = np.random.default_rng(1)
+    patches = rng.normal(size=(3, 64, 64, 4)) + 1j * rng.normal(size=(3, 64, 64, 4))
+    patches = patches.astype(np.complex64)
+    offsets = rng.uniform(-9, 9, (3, 4, 2)).astype(np.float32)
+    xla = ReassemblePatches(pad=16, backend="xla")(patches, offsets).numpy()
+    legacy = ReassemblePatches(pad=16, backend="legacy")(patches, offsets).numpy()
+    np.testing.assert_allclose(xla, legacy, atol=1e-5)
+    # Two identical offsets: the merged object is the mean of the two patches there.
+    same = np.zeros((1, 4, 2), np.float32)
+    merged = ReassemblePatches(pad=8)(patches[:1], same).numpy()
+    np.testing.assert_allclose(merged[..., 0], patches[:1].mean(axis=-1), atol=1e-5)
+
+
+def test_poisson_loss_is_the_poisson_nll_difference():
+    rng = np.random.default_rng(3)
+    measured = np.sqrt(rng.poisson(3.0, (2, 8, 8, 1))).astype(np.float32)
+    predicted = rng.uniform(0.5, 2.5, (2, 8, 8, 1)).astype(np.float32)
+    loss = PtychoLoss(poisson_weight=1.0)(measured, predicted).numpy()
+    counts, rate = measured.astype(np.float64) ** 2, predicted.astype(np.float64) ** 2 + 1e-6
+
+    def nll(lam):  # Poisson NLL without the log(k!) term; xlogy handles k = 0
+        from scipy.special import xlogy
+
+        return lam - xlogy(counts, lam)
+
+    expected = np.mean(nll(rate) - nll(np.where(counts > 0, counts, 1e-300)))
+    assert loss == pytest.approx(expected, rel=1e-4)
+    assert PtychoLoss()(measured, measured).numpy() == pytest.approx(0.0, abs=1e-5)
+    mae = PtychoLoss(poisson_weight=0.0, mae_weight=1.0)(measured, predicted).numpy()
+    assert mae == pytest.approx(np.mean(np.abs(predicted - measured)), rel=1e-5)
+    with pytest.raises(ValueError, match="loss weights"):
+        PtychoLoss(poisson_weight=0.0, mae_weight=0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Building and training
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "gridsize"), [(64, 1), (64, 2), (128, 1), (128, 2)])
+def test_model_builds_with_expected_shapes(n, gridsize):
+    probe = np.ones((n, n), np.complex64)
+    training, inference = build_model(
+        ModelConfig(n=n, gridsize=gridsize, filters=4), probe=probe, norm_factor=1.0
+    )
+    c = gridsize**2
+    inputs = {"diffraction": np.ones((2, n, n, c), np.float32)}
+    if gridsize > 1:
+        inputs["offsets"] = np.zeros((2, c, 2), np.float32)
+    outputs = training(inputs)
+    assert outputs["amplitude"].shape == (2, n, n, c)
+    assert outputs["object"].dtype == tf.complex64
+    np.testing.assert_allclose(outputs["intensity"], outputs["amplitude"].numpy() ** 2, rtol=1e-5)
+    np.testing.assert_array_equal(inference(inputs).numpy(), outputs["object"].numpy())
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in training.layers)
+    assert translate_backends(training) == ({"xla"} if gridsize > 1 else set())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "mode"), [("xla", "jit"), ("xla", "graph"), ("legacy", "graph"), ("xla", "eager")]
+)
+def test_training_steps_decrease_the_loss(tiny_scan, backend, mode):
+    keras.utils.set_random_seed(0)
+    inputs, target, factor = first_batch(tiny_scan, gridsize=2)
+    training, _ = build_model(
+        ModelConfig(n=64, gridsize=2, filters=8),
+        probe=tiny_scan.probe,
+        norm_factor=factor,
+        translate_backend=backend,
+    )
+    compile_model(training, mode, learning_rate=3e-3)
+    if mode == "jit":
+        assert training.jit_compile is True
+    losses = [float(training.train_on_batch(inputs, target)) for _ in range(12)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_legacy_model_is_refused_for_jit(tiny_scan):
+    training, _ = build_model(
+        ModelConfig(filters=4), probe=tiny_scan.probe, norm_factor=1.0, translate_backend="legacy"
+    )
+    with pytest.raises(ValueError, match="translate=xla"):
+        compile_model(training, "jit")
+
+
+def test_gradients_reach_every_trainable_weight(tiny_scan):
+    inputs, target, factor = first_batch(tiny_scan, gridsize=2, batch_size=4)
+    training, _ = build_model(
+        ModelConfig(n=64, gridsize=2, filters=4, probe_trainable=True),
+        probe=tiny_scan.probe,
+        norm_factor=factor,
+    )
+    loss_fn = PtychoLoss()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(loss_fn(target["amplitude"], training(inputs)["amplitude"]))
+    grads = tape.gradient(loss, training.trainable_weights)
+    names = [w.path for w in training.trainable_weights]
+    assert any("probe_real" in name for name in names) and any("log_scale" in n for n in names)
+    for name, grad in zip(names, grads, strict=True):
+        assert grad is not None, name
+        assert float(tf.reduce_max(tf.abs(grad))) > 0, name
+
+
+# --------------------------------------------------------------------------------------
+# Saving and loading
+# --------------------------------------------------------------------------------------
+
+
+LOAD_IN_FRESH_PROCESS = """
+import sys, numpy as np, keras
+import ptycho
+model = keras.saving.load_model(sys.argv[1])  # safe_mode stays on, no custom objects
+inputs = dict(np.load(sys.argv[2]))
+out = model.predict(inputs, verbose=0)
+np.savez(sys.argv[3], amplitude=out["amplitude"], object=out["object"])
+"""
+
+
+@pytest.mark.slow
+def test_saved_model_loads_in_a_fresh_process_with_safe_mode(tiny_scan, tmp_path):
+    inputs, target, factor = first_batch(tiny_scan, gridsize=2, batch_size=4)
+    training, _ = build_model(ModelConfig(filters=4), probe=tiny_scan.probe, norm_factor=factor)
+    compile_model(training, "graph")
+    training.train_on_batch(inputs, target)
+    path = tmp_path / "model.keras"
+    training.save(path)
+    np.savez(tmp_path / "inputs.npz", **{k: v.numpy() for k, v in inputs.items()})
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_IN_FRESH_PROCESS,
+            str(path),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    fresh = np.load(tmp_path / "out.npz")
+    here = training.predict(inputs, verbose=0)
+    np.testing.assert_allclose(fresh["amplitude"], here["amplitude"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fresh["object"], here["object"], rtol=1e-5, atol=1e-6)
+    loaded = load_model(path)
+    assert loaded.get_layer("normalise").factor == pytest.approx(factor)
+    probe = loaded.get_layer("illumination").probe.numpy()
+    np.testing.assert_allclose(probe, tiny_scan.probe, atol=1e-7)
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("legacy", "xla"), ("xla", "legacy")])
+def test_backend_is_chosen_at_load_time(tiny_scan, tmp_path, saved, loaded):
+    inputs, _, factor = first_batch(tiny_scan, gridsize=2, batch_size=4)
+    inputs["offsets"] = inputs["offsets"] + 0.37  # sub-pixel shifts: the backends really warp
+    training, _ = build_model(
+        ModelConfig(filters=4), probe=tiny_scan.probe, norm_factor=factor, translate_backend=saved
+    )
+    before = training.predict(inputs, verbose=0)
+    training.save(tmp_path / "model.keras")
+    model = load_model(tmp_path / "model.keras", translate_backend=loaded)
+    assert translate_backends(model) == {loaded}
+    after = model.predict(inputs, verbose=0)
+    inner = (slice(None), slice(8, -8), slice(8, -8))
+    np.testing.assert_allclose(after["object"][inner], before["object"][inner], atol=1e-4)
+    np.testing.assert_allclose(after["amplitude"], before["amplitude"], rtol=1e-3, atol=1e-4)

@@ -1,14 +1,31 @@
-"""Train PtychoPINN: ``python train.py [group=choice ...] [key=value ...]``."""
+"""Train PtychoPINN: ``python train.py [group=choice ...] [key=value ...]``.
+
+Thin entry point: composes the configuration (conf/train.yaml) and hands it to
+``ptycho.app.train``. ``USE_XLA_TRANSLATE=0`` / ``USE_XLA_COMPILE=0`` select the legacy
+warp / no XLA when the command line does not choose.
+"""
+
+import os
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from ptycho import app
+from ptycho.cli import run_job
+from ptycho.config import register_configs, rollback_overrides
+
+register_configs()
+sys.argv += rollback_overrides(sys.argv[1:], os.environ)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    app.train(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    from ptycho import app
+
+    run_job(app.train, cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

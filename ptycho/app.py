@@ -1,81 +1,401 @@
-"""Glue between the Hydra configuration and the library.
+"""The Hydra glue: a composed configuration in, plain library calls out.
 
-The only module that sees an ``omegaconf`` config: it validates the choices and turns
-them into plain arguments for the library functions.
+``train.py`` and ``infer.py`` pass the composed config and their run directory here;
+nothing else in the package sees Hydra. Configuration problems raise
+:class:`ptycho.config.ConfigError` before any data are made or models built.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from enum import Enum
+from pathlib import Path
 
+import keras
 import numpy as np
-import tensorflow as tf
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ptycho.warp import translate
+from ptycho import __version__
+from ptycho.callbacks import CHECKPOINT, STATE, TrainingMonitor
+from ptycho.config import ConfigError, check_infer, check_train
+from ptycho.data import (
+    Scan,
+    ScanFileError,
+    group_neighbours,
+    load_scan,
+    make_dataset,
+    normalisation_factor,
+    save_scan,
+    simulate,
+)
+from ptycho.inference import reconstruct, scored
+from ptycho.layers import set_translate_backend
+from ptycho.model import ModelConfig, build_model, compile_model, load_model
+from ptycho.outputs import save_model, save_reconstruction, save_reconstruction_png, write_json
+
+__all__ = ["infer", "train"]
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("jit", "graph", "eager")
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
 
 
-class ConfigError(ValueError):
-    """An impossible or invalid configuration, reported before any work."""
+def _value(choice):
+    return choice.value if isinstance(choice, Enum) else choice
 
 
-def check_backend_and_compile(backend: str, mode: str) -> None:
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"compile={mode} is not one of {list(COMPILE_MODES)}")
-    if backend == "legacy" and mode == "jit":
-        raise ConfigError(
-            "translate=legacy cannot run with compile=jit: ImageProjectiveTransformV3 has no "
-            "XLA kernel. Use translate=xla, or compile=graph for the legacy path."
-        )
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
 
 
-def compiled(fn, mode: str):
-    """Wrap ``fn`` for a compile mode: XLA (jit), plain graph, or eager."""
-    if mode == "eager":
-        return fn
-    return tf.function(fn, jit_compile=(mode == "jit"))
-
-
-def train(cfg: DictConfig) -> dict:
-    """Smoke job: warp a batch of random complex patches forward and backward."""
-    backend, mode = cfg.translate.backend, cfg.compile.mode
-    check_backend_and_compile(backend, mode)
-    rng = np.random.default_rng(cfg.seed)
-    patches = tf.constant(
-        (rng.normal(size=(64, 64, 64, 1)) + 1j * rng.normal(size=(64, 64, 64, 1))).astype(
-            np.complex64
-        )
+def simulate_scan(data: DictConfig, n: int, *, test: bool) -> Scan:
+    """One simulated scan from the data section; the test scan is a different object."""
+    return simulate(
+        n=n,
+        n_positions=data.test_positions if test else data.n_positions,
+        object_kind=_value(data.object_kind),
+        amplitude_range=tuple(data.amplitude_range),
+        phase_range=tuple(data.phase_range),
+        images=tuple(data.test_images if test else data.images),
+        correlation_length=data.correlation_length,
+        probe=_value(data.probe),
+        probe_radius=data.probe_radius,
+        fresnel_number=data.fresnel_number,
+        scan=_value(data.scan),
+        step=data.step,
+        jitter=data.jitter,
+        nphotons=data.nphotons,
+        seed=data.test_seed if test else data.seed,
     )
-    offsets = tf.constant(rng.uniform(-8, 8, size=(64, 2)).astype(np.float32))
 
-    def step(x, o):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.abs(translate(x, o, backend=backend)) ** 2)
-        return loss, tape.gradient(loss, x)
 
-    fn = compiled(step, mode)
-    fn(patches, offsets)
-    start = time.perf_counter()
-    repeats = 20
-    for _ in range(repeats):
-        loss, _ = fn(patches, offsets)
-    elapsed = (time.perf_counter() - start) / repeats
-    result = {
-        "translate": backend,
-        "compile": mode,
-        "loss": float(loss),
-        "patches_per_s": 64 / elapsed,
+def _load(path: str, probe_path: str | None) -> Scan:
+    probe = None
+    if probe_path:
+        probe = load_scan(probe_path).probe
+    return load_scan(path, probe=probe)
+
+
+def load_data(data: DictConfig, n: int) -> tuple[Scan, Scan]:
+    """(train scan, test scan) from the data section; files must match N."""
+    if _value(data.source) == "simulate":
+        return simulate_scan(data, n, test=False), simulate_scan(data, n, test=True)
+    train_scan = _load(data.path, data.probe_path)
+    test_scan = _load(data.test_path, data.probe_path) if data.test_path else train_scan
+    for name, scan in (("data.path", train_scan), ("data.test_path", test_scan)):
+        if scan.n != n:
+            raise ConfigError(
+                f"{name}: patterns are {scan.n} x {scan.n} but model.n={n}; pass model.n={scan.n}"
+            )
+    return train_scan, test_scan
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def _schedule(train: DictConfig, total_steps: int):
+    kind = _value(train.schedule)
+    if kind == "constant":
+        return train.learning_rate
+    ratio = train.final_learning_rate / train.learning_rate
+    if kind == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            train.learning_rate, decay_steps=total_steps, alpha=ratio
+        )
+    return keras.optimizers.schedules.ExponentialDecay(
+        train.learning_rate, decay_steps=total_steps, decay_rate=ratio
+    )
+
+
+def _hparams(cfg: DictConfig) -> dict:
+    return {
+        "translate": _value(cfg.translate.backend),
+        "compile": _value(cfg.compile.mode),
+        "n": cfg.model.n,
+        "gridsize": cfg.model.gridsize,
+        "filters": cfg.model.filters,
+        "learning_rate": cfg.train.learning_rate,
+        "batch_size": cfg.train.batch_size,
+        "epochs": cfg.train.epochs,
+        "data": _value(cfg.data.object_kind) if _value(cfg.data.source) == "simulate" else "file",
+        "seed": cfg.train.seed,
     }
+
+
+def _write_run_summaries(writer, cfg: DictConfig, run_name: str) -> None:
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    with writer.as_default(step=0):
+        tf.summary.text("config", "```\n" + OmegaConf.to_yaml(cfg) + "\n```")
+        hp.hparams(_hparams(cfg), trial_id=run_name)
+
+
+def _resume_state(run_dir: Path, resume: bool) -> dict | None:
+    checkpoint = run_dir / "checkpoints" / CHECKPOINT
+    state_file = run_dir / "checkpoints" / STATE
+    if not resume:
+        if checkpoint.exists():
+            raise ConfigError(
+                f"{run_dir} already holds a training checkpoint: pass resume=true to continue "
+                "it, or choose a new hydra.run.dir"
+            )
+        return None
+    if not (checkpoint.exists() and state_file.exists()):
+        log.warning("resume=true but %s has no checkpoint yet: starting from scratch", run_dir)
+        return None
+    import json
+
+    return json.loads(state_file.read_text())
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train on the configured data, evaluate on the test scan, write the run's files.
+
+    Returns the final metrics (also in ``metrics.json``).
+    """
+    check_train(cfg)
+    run_dir = Path(run_dir)
+    state = _resume_state(run_dir, cfg.resume)
+    backend, mode = _value(cfg.translate.backend), _value(cfg.compile.mode)
+    keras.utils.set_random_seed(cfg.train.seed)
+    started = time.perf_counter()
+
+    try:
+        train_scan, test_scan = load_data(cfg.data, cfg.model.n)
+    except ScanFileError as error:
+        raise ConfigError(str(error)) from error
+    if _value(cfg.data.source) == "simulate":
+        save_scan(train_scan, run_dir / "train_scan.npz")
+        save_scan(test_scan, run_dir / "test_scan.npz")
+
+    model_config = ModelConfig(**OmegaConf.to_container(cfg.model))
+    groups = group_neighbours(
+        train_scan.xcoords,
+        train_scan.ycoords,
+        model_config.gridsize,
+        k_neighbours=cfg.data.k_neighbours,
+        n_groups=cfg.data.n_groups,
+        seed=cfg.data.seed,
+    )
+    batch = cfg.train.batch_size
+    if batch > len(groups):
+        raise ConfigError(
+            f"train.batch_size={batch} is larger than the {len(groups)} training samples: "
+            "lower train.batch_size or use more positions"
+        )
+    steps = len(groups) // batch
+    epochs = cfg.train.epochs
+
+    if state is None:
+        factor = normalisation_factor(train_scan.diffraction)
+        model, _ = build_model(
+            model_config, probe=train_scan.probe, norm_factor=factor, translate_backend=backend
+        )
+        compile_model(
+            model,
+            mode,
+            learning_rate=_schedule(cfg.train, epochs * steps),
+            poisson_weight=cfg.train.poisson_weight,
+            mae_weight=cfg.train.mae_weight,
+        )
+        initial_epoch = 0
+    else:
+        model = keras.saving.load_model(run_dir / "checkpoints" / CHECKPOINT, safe_mode=True)
+        set_translate_backend(model, backend)
+        model.jit_compile = mode == "jit"
+        model.run_eagerly = mode == "eager"
+        factor = float(model.get_layer("normalise").factor)
+        initial_epoch = int(state["epoch"])
+        log.info("resuming from epoch %d of %d", initial_epoch, epochs)
+
+    dataset = make_dataset(
+        train_scan,
+        groups,
+        norm_factor=factor,
+        batch_size=batch,
+        shuffle=True,
+        seed=cfg.train.seed,
+        drop_remainder=True,
+        epochs=None,
+        start_epoch=initial_epoch,
+    )
+    monitor = TrainingMonitor(
+        run_dir=run_dir,
+        test_scan=test_scan,
+        epochs=epochs,
+        samples_per_epoch=steps * batch,
+        eval_every=cfg.train.eval_every,
+        log_every_steps=cfg.train.log_every_steps,
+        infer_batch_size=cfg.infer_batch_size,
+        compile_mode=mode,
+        backend=backend,
+        register=cfg.metrics.register,
+        remove_phase_ramp=cfg.metrics.remove_phase_ramp,
+        max_minutes=cfg.train.max_minutes,
+        log_probe=cfg.model.probe_trainable,
+    )
+    if state is not None:
+        monitor.history = list(state.get("history", []))
+    _write_run_summaries(monitor.writer, cfg, run_dir.name)
     log.info(
-        "translate=%s compile=%s: %.0f patches/s (forward + backward)",
+        "training %s: %d samples of %d x %d x %d, %d steps/epoch, translate=%s compile=%s",
+        train_scan.source,
+        len(groups),
+        model_config.n,
+        model_config.n,
+        model_config.channels,
+        steps,
         backend,
         mode,
-        result["patches_per_s"],
     )
-    return result
+    fit_start = time.perf_counter()
+    if initial_epoch < epochs:
+        model.fit(
+            dataset,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            callbacks=[monitor],
+            verbose=0,
+            shuffle=False,  # the dataset shuffles itself, by (seed, epoch)
+        )
+    fit_seconds = time.perf_counter() - fit_start
+    if monitor.nan_at is not None:
+        epoch, step = monitor.nan_at
+        raise TrainingDiverged(
+            f"the loss became NaN at epoch {epoch}, step {step}; the last good checkpoint "
+            f"({run_dir / 'checkpoints' / CHECKPOINT}) is intact. Lower train.learning_rate "
+            "and rerun with resume=true"
+        )
+
+    result = reconstruct(
+        model, test_scan, batch_size=cfg.infer_batch_size, compile_mode=mode, backend=backend
+    )
+    values = scored(
+        result,
+        test_scan,
+        register=cfg.metrics.register,
+        remove_phase_ramp=cfg.metrics.remove_phase_ramp,
+    )
+    epochs_done = monitor.history[-1]["epoch"] if monitor.history else initial_epoch
+    trained = [h for h in monitor.history if h["epoch"] > initial_epoch]
+    samples_per_s = float(np.median([h["samples_per_s"] for h in trained])) if trained else math.nan
+    summary = {
+        **values,
+        "epochs": epochs_done,
+        "final_loss": monitor.history[-1]["loss"] if monitor.history else math.nan,
+        "samples_per_s": samples_per_s,
+        "steps_per_s": samples_per_s / batch,
+        "fit_seconds": fit_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "reconstruction_patterns_per_s": result.patterns_per_s,
+        "translate": backend,
+        "compile": mode,
+        "ptycho_version": __version__,
+    }
+    _log_final(monitor, values, summary, epochs_done)
+
+    save_model(model, run_dir / "model.keras")
+    save_reconstruction(result.obj, result.mask, run_dir / "reconstruction.npz")
+    save_reconstruction_png(
+        result.obj,
+        result.mask,
+        run_dir / "reconstruction.png",
+        title=_title(values, backend, mode),
+    )
+    write_json(summary, run_dir / "metrics.json")
+    log.info("%s", _title(values, backend, mode))
+    log.info("wrote %s (%.0f s)", run_dir, summary["wall_seconds"])
+    return summary
+
+
+def _log_final(monitor: TrainingMonitor, values: dict, summary: dict, epoch: int) -> None:
+    import tensorflow as tf
+
+    with monitor.writer.as_default(step=epoch):
+        for key, value in values.items():
+            if math.isfinite(value):
+                tf.summary.scalar(f"test/{key}", value)
+                tf.summary.scalar(f"final/{key}", value)
+        if math.isfinite(summary["samples_per_s"]):
+            tf.summary.scalar("final/samples_per_s", summary["samples_per_s"])
+    monitor.writer.flush()
+
+
+def _title(values: dict, backend: str, mode: str) -> str:
+    parts = [f"translate={backend} compile={mode}", f"R-factor {values['r_factor']:.4f}"]
+    for key in ("amp_ssim", "phase_ssim", "amp_psnr", "phase_psnr"):
+        if key in values:
+            parts.append(f"{key} {values[key]:.3f}")
+    return "  ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------
+
+
+def infer(cfg: DictConfig, run_dir: Path) -> dict:
+    """Reconstruct a scan with a trained model; write the reconstruction and metrics."""
+    check_infer(cfg)
+    run_dir = Path(run_dir)
+    backend, mode = _value(cfg.translate.backend), _value(cfg.compile.mode)
+    try:
+        model = load_model(cfg.checkpoint, translate_backend=backend)
+    except Exception as error:  # noqa: BLE001 - any load failure is a bad checkpoint
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint}: cannot load the model ({error})"
+        ) from error
+    if _value(cfg.data.source) == "simulate":
+        n = int(model.get_layer("diffraction").output.shape[1])
+        scan = simulate_scan(cfg.data, n, test=True)
+    else:
+        try:
+            scan = _load(cfg.data.path, cfg.data.probe_path)
+        except ScanFileError as error:
+            raise ConfigError(str(error)) from error
+    try:
+        result = reconstruct(
+            model,
+            scan,
+            batch_size=cfg.infer_batch_size,
+            compile_mode=mode,
+            backend=backend,
+            seed=cfg.seed,
+        )
+    except ValueError as error:
+        raise ConfigError(f"{cfg.data.path or 'data'}: {error}") from error
+    values = scored(
+        result, scan, register=cfg.metrics.register, remove_phase_ramp=cfg.metrics.remove_phase_ramp
+    )
+    summary = {
+        **values,
+        "patterns": result.patterns,
+        "patterns_per_s": result.patterns_per_s,
+        "seconds": result.seconds,
+        "traces": result.traces,
+        "checkpoint": str(cfg.checkpoint),
+        "translate": backend,
+        "compile": mode,
+    }
+    save_reconstruction(result.obj, result.mask, run_dir / "reconstruction.npz")
+    save_reconstruction_png(
+        result.obj, result.mask, run_dir / "reconstruction.png", title=_title(values, backend, mode)
+    )
+    write_json(summary, run_dir / "metrics.json")
+    log.info(
+        "reconstructed %d patterns in %.1f s (%.0f patterns/s); %s",
+        result.patterns,
+        result.seconds,
+        result.patterns_per_s,
+        _title(values, backend, mode),
+    )
+    return summary

@@ -1,4 +1,4 @@
-"""Object <-> patch geometry: cutting patches out of an object at scan positions.
+"""Object <-> patch geometry: cutting patches out of an object, stitching them back.
 
 A patch j is the N x N window of the object covering rows ``[y_j - N/2, y_j + N/2)``
 and columns ``[x_j - N/2, x_j + N/2)``, bilinear for sub-pixel positions, zero outside
@@ -8,11 +8,14 @@ the object (DESIGN.md section 3). Sub-pixel shifts go through the project's own
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import tensorflow as tf
 
 from ptycho.warp import translate
 
-__all__ = ["extract_patches"]
+__all__ = ["Stitcher", "extract_patches", "object_shape_for", "stitch_patches"]
 
 
 def extract_patches(
@@ -82,3 +85,134 @@ def extract_patches(
         shifted = translate(windows[..., None], offsets.astype(np.float32), backend=backend)
         out[start:stop] = shifted.numpy()[:, :n, :n, 0]
     return out
+
+
+def object_shape_for(xcoords: np.ndarray, ycoords: np.ndarray, n: int) -> tuple[int, int]:
+    """Smallest (H, W) frame that holds every patch (positions are patch centres)."""
+    return (
+        math.ceil(float(np.max(ycoords)) + n / 2) + 1,
+        math.ceil(float(np.max(xcoords)) + n / 2) + 1,
+    )
+
+
+class Stitcher:
+    """Accumulates object patches into one object, batch by batch.
+
+    Each patch is placed at its position with the project's translation (sub-pixel
+    part) and a slice (integer part), weighted by the illumination ``|P|^2``; the
+    object is the weighted sum divided by the summed weight. Memory is two
+    object-sized float64 canvases whatever the number of patches; the warp runs in
+    fixed-size batches (the last one padded), so a compiled function is traced once.
+
+    Parameters
+    ----------
+    shape : (H, W)
+        Object frame; pixel (y, x) is object coordinate (y, x).
+    n : int
+        Patch size N.
+    probe : (N, N) complex, optional
+        Weights ``|P|^2``; None weights every patch pixel by 1.
+    backend : {"xla", "legacy"}
+        Warp backend; "xla" runs under XLA.
+    batch_size : int
+    weight_threshold : float
+        Pixels whose summed weight is below this fraction of ``max |P|^2`` count as not
+        covered: 0 in the object and False in the mask.
+    """
+
+    def __init__(
+        self,
+        shape,
+        n: int,
+        *,
+        probe=None,
+        backend: str = "xla",
+        batch_size: int = 256,
+        weight_threshold: float = 1e-3,
+    ):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.n = int(n)
+        self.batch_size = int(batch_size)
+        weight = np.ones((n, n)) if probe is None else np.abs(np.asarray(probe)) ** 2
+        if weight.shape != (n, n):
+            raise ValueError(f"probe must be ({n}, {n}), got {weight.shape}")
+        self.threshold = weight_threshold * float(weight.max())
+        # Patch (N x N) padded to the (N + 1) x (N + 1) window its bilinear shift needs.
+        self._weight = tf.constant(np.pad(weight, ((0, 1), (0, 1))).astype(np.float32))
+        self._numerator = np.zeros((*self.shape, 2))
+        self._denominator = np.zeros(self.shape)
+        self._place = tf.function(self._place_batch, jit_compile=(backend == "xla"))
+        self.backend = backend
+
+    def _place_batch(self, patches, fractions):
+        # patches (B, N, N) complex64; fractions (B, 2) [fx, fy] in [0, 1).
+        padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
+        weight = tf.broadcast_to(self._weight, tf.shape(padded))
+        stacked = tf.stack(
+            [tf.math.real(padded) * weight, tf.math.imag(padded) * weight, weight], axis=-1
+        )
+        return translate(stacked, fractions, backend=self.backend)
+
+    def add(self, patches: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray) -> None:
+        """Add (M, N, N) complex patches centred at (x, y)."""
+        patches = np.asarray(patches, np.complex64)
+        xcoords, ycoords = np.asarray(xcoords, np.float64), np.asarray(ycoords, np.float64)
+        n = self.n
+        if patches.ndim != 3 or patches.shape[1:] != (n, n) or len(patches) != len(xcoords):
+            raise ValueError(
+                f"patches must be (M, {n}, {n}) with one position each, got {patches.shape} "
+                f"and {len(xcoords)} positions"
+            )
+        top, left = ycoords - n / 2, xcoords - n / 2
+        row0, col0 = np.floor(top).astype(np.int64), np.floor(left).astype(np.int64)
+        fractions = np.stack([left - col0, top - row0], axis=1).astype(np.float32)
+        height, width = self.shape
+        for start in range(0, len(patches), self.batch_size):
+            stop = min(start + self.batch_size, len(patches))
+            count = stop - start
+            batch = np.zeros((self.batch_size, n, n), np.complex64)
+            shifts = np.zeros((self.batch_size, 2), np.float32)
+            batch[:count], shifts[:count] = patches[start:stop], fractions[start:stop]
+            windows = self._place(tf.constant(batch), tf.constant(shifts)).numpy()[:count]
+            for window, r, c in zip(windows, row0[start:stop], col0[start:stop], strict=True):
+                r0, c0 = max(r, 0), max(c, 0)
+                r1, c1 = min(r + n + 1, height), min(c + n + 1, width)
+                if r1 <= r0 or c1 <= c0:
+                    continue
+                part = window[r0 - r : r1 - r, c0 - c : c1 - c]
+                self._numerator[r0:r1, c0:c1] += part[..., :2]
+                self._denominator[r0:r1, c0:c1] += part[..., 2]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(object, mask)``: (H, W) complex64 and bool (covered pixels)."""
+        mask = self._denominator > self.threshold
+        safe = np.where(mask, self._denominator, 1.0)
+        obj = (self._numerator[..., 0] + 1j * self._numerator[..., 1]) / safe
+        return np.where(mask, obj, 0).astype(np.complex64), mask
+
+    @property
+    def traces(self) -> int:
+        """Times the placement function was traced (1 for any number of patches)."""
+        return self._place.experimental_get_tracing_count()
+
+
+def stitch_patches(
+    patches: np.ndarray,
+    xcoords: np.ndarray,
+    ycoords: np.ndarray,
+    shape: tuple[int, int] | None = None,
+    *,
+    probe: np.ndarray | None = None,
+    backend: str = "xla",
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stitch (M, N, N) patches centred at (x, y) into one object; see :class:`Stitcher`.
+
+    Returns ``(object (H, W) complex64, mask (H, W) bool)`` in the positions' frame.
+    """
+    patches = np.asarray(patches)
+    n = patches.shape[-1]
+    shape = object_shape_for(xcoords, ycoords, n) if shape is None else shape
+    stitcher = Stitcher(shape, n, probe=probe, backend=backend, batch_size=batch_size)
+    stitcher.add(patches, xcoords, ycoords)
+    return stitcher.result()

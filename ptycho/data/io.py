@@ -28,9 +28,7 @@ temporary file in the same folder that is renamed over the target only when comp
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import numpy as np
 
 from ptycho import __version__
 from ptycho.data.scan import Scan
+from ptycho.outputs import atomic_path
 
 __all__ = ["SUFFIXES", "ScanFileError", "load_scan", "save_scan"]
 
@@ -111,21 +110,6 @@ def save_scan(scan: Scan, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         writer(scan, tmp)
     return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ def make_dataset(
     shuffle: bool = True,
     seed: int = 0,
     drop_remainder: bool = False,
+    epochs: int | None = 1,
+    start_epoch: int = 0,
 ) -> tf.data.Dataset:
     """Batches of ``({"diffraction": (B, N, N, C), "offsets": (B, C, 2)}, {"amplitude":
     (B, N, N, C)})``.
@@ -65,9 +67,16 @@ def make_dataset(
         From :func:`normalisation_factor` of the *training* scan.
     batch_size : int
     shuffle : bool
-        Reshuffle the groups every epoch (deterministically for ``seed``).
+        Shuffle the groups every epoch. The order of epoch ``e`` depends only on
+        ``(seed, e)`` (a stateless shuffle), so a resumed run sees the same batches as
+        an uninterrupted one.
     drop_remainder : bool
-        Drop the last partial batch (fixed shapes for XLA).
+        Drop the last partial batch of each epoch (fixed shapes for XLA).
+    epochs : int or None
+        Number of epochs the dataset spans; None repeats forever (use with Keras'
+        ``steps_per_epoch``).
+    start_epoch : int
+        Epoch the first batch belongs to (for resuming).
     """
     groups = np.asarray(groups, np.int64)
     if groups.ndim != 2:
@@ -76,20 +85,31 @@ def make_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
     diffraction = tf.convert_to_tensor(scan.diffraction)  # (M, N, N), held once
+    group_table = tf.constant(groups)
+    offset_table = tf.constant(offsets.astype(np.float32))
     factor = tf.constant(norm_factor, tf.float32)
-
     with_offsets = groups.shape[1] > 1
+    count = len(groups)
 
-    def load(index, offset):
-        amplitudes = tf.transpose(tf.gather(diffraction, index), (0, 2, 3, 1))  # (B,N,N,C)
+    def epoch_batches(epoch):
+        order = tf.range(count, dtype=tf.int64)
+        if shuffle:
+            key = tf.stack([tf.constant(seed, tf.int64), epoch])
+            order = tf.random.experimental.stateless_shuffle(order, seed=key)
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder)
+
+    def load(order):
+        amplitudes = tf.gather(diffraction, tf.gather(group_table, order))  # (B, C, N, N)
+        amplitudes = tf.transpose(amplitudes, (0, 2, 3, 1))  # (B, N, N, C)
         inputs = {"diffraction": amplitudes}
         if with_offsets:
-            inputs["offsets"] = offset
+            inputs["offsets"] = tf.gather(offset_table, order)
         return inputs, {"amplitude": amplitudes * factor}
 
-    dataset = tf.data.Dataset.from_tensor_slices((groups, offsets.astype(np.float32)))
-    if shuffle:
-        dataset = dataset.shuffle(len(groups), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if epochs is None:
+        epoch_numbers = tf.data.Dataset.counter(start_epoch)
+    else:
+        epoch_numbers = tf.data.Dataset.range(start_epoch, start_epoch + epochs)
+    dataset = epoch_numbers.flat_map(epoch_batches)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)

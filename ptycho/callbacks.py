@@ -1,0 +1,186 @@
+"""The training monitor: progress lines, TensorBoard, evaluation, checkpoints, NaN stop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ptycho.data.scan import Scan
+from ptycho.inference import make_predict_fn, reconstruct, scored
+from ptycho.outputs import save_model, write_json
+
+__all__ = ["TrainingMonitor", "image_for_summary"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.keras"
+STATE = "state.json"
+
+
+def image_for_summary(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(H, W) values -> (1, H, W, 1) in [0, 1], scaled over the covered pixels."""
+    values = np.asarray(values, np.float64)
+    shown = values[mask] if mask.any() else values.ravel()
+    low, high = float(np.min(shown)), float(np.max(shown))
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.where(mask, np.clip(scaled, 0, 1), 0).astype(np.float32)[None, ..., None]
+
+
+class TrainingMonitor(keras.callbacks.Callback):
+    """Everything that happens between epochs.
+
+    Per step: the loss (every ``log_every_steps``) and a NaN check that stops training
+    at once. Per epoch: loss, learning rate and samples/s to TensorBoard and the log; a
+    checkpoint (``checkpoints/last.keras`` and ``state.json``, written atomically); every
+    ``eval_every`` epochs, the test scan is reconstructed and its metrics and images
+    logged. ``max_minutes`` stops training after the epoch that crosses it.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        test_scan: Scan,
+        epochs: int,
+        samples_per_epoch: int,
+        eval_every: int = 5,
+        log_every_steps: int = 10,
+        infer_batch_size: int = 64,
+        compile_mode: str = "jit",
+        backend: str = "xla",
+        register: bool = True,
+        remove_phase_ramp: bool = False,
+        max_minutes: float | None = None,
+        log_probe: bool = False,
+    ):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.test_scan = test_scan
+        self.epochs = epochs
+        self.samples_per_epoch = samples_per_epoch
+        self.eval_every = eval_every
+        self.log_every_steps = max(1, log_every_steps)
+        self.infer_batch_size = infer_batch_size
+        self.compile_mode = compile_mode
+        self.backend = backend
+        self.register = register
+        self.remove_phase_ramp = remove_phase_ramp
+        self.max_minutes = max_minutes
+        self.log_probe = log_probe
+        self.writer = tf.summary.create_file_writer(str(self.run_dir / "tb"))
+        self.nan_at: tuple[int, int] | None = None
+        self.last_metrics: dict = {}
+        self.history: list[dict] = []
+        self._predict = None
+        self._epoch = 0
+        self._start = time.perf_counter()
+
+    # ---------------------------------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+        self._predict = make_predict_fn(self.model, self.compile_mode)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        step = int(self.model.optimizer.iterations.numpy())
+        if not math.isfinite(loss):
+            self.nan_at = (self._epoch + 1, batch + 1)
+            self.model.stop_training = True
+            return
+        if step % self.log_every_steps == 0:
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("train/loss_step", loss)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_at is not None:
+            return  # keep the last good checkpoint; the app reports the failure
+        logs = dict(logs or {})
+        seconds = time.perf_counter() - self._epoch_start
+        rate = self.samples_per_epoch / seconds if seconds > 0 else math.nan
+        step = int(self.model.optimizer.iterations.numpy())
+        lr = self._learning_rate(step)
+        record = {
+            "epoch": epoch + 1,
+            "loss": float(logs.get("loss", math.nan)),
+            "learning_rate": lr,
+            "samples_per_s": rate,
+        }
+        with self.writer.as_default(step=epoch + 1):
+            tf.summary.scalar("train/loss", record["loss"])
+            tf.summary.scalar("train/learning_rate", lr)
+            tf.summary.scalar("train/samples_per_s", rate)
+        last = epoch + 1 == self.epochs
+        if self.eval_every and ((epoch + 1) % self.eval_every == 0) and not last:
+            record.update(self.evaluate(epoch + 1))
+        self.history.append(record)
+        self._save_checkpoint(epoch + 1)
+        extra = "".join(
+            f"  {key} {record[key]:.4g}"
+            for key in ("r_factor", "amp_ssim", "phase_ssim", "amp_psnr")
+            if key in record
+        )
+        log.info(
+            "epoch %d/%d  loss %.5g  lr %.3g  %.0f samples/s%s",
+            epoch + 1,
+            self.epochs,
+            record["loss"],
+            lr,
+            rate,
+            extra,
+        )
+        elapsed = (time.perf_counter() - self._start) / 60
+        if self.max_minutes is not None and elapsed >= self.max_minutes and not last:
+            log.info("stopping after epoch %d: %.1f min >= train.max_minutes", epoch + 1, elapsed)
+            self.model.stop_training = True
+
+    # ---------------------------------------------------------------------------------
+
+    def evaluate(self, epoch: int) -> dict:
+        """Reconstruct the test scan; log metrics and images at ``epoch``; return them."""
+        result = reconstruct(
+            self.model,
+            self.test_scan,
+            batch_size=self.infer_batch_size,
+            compile_mode=self.compile_mode,
+            backend=self.backend,
+            predict_fn=self._predict,
+        )
+        values = scored(
+            result, self.test_scan, register=self.register, remove_phase_ramp=self.remove_phase_ramp
+        )
+        self.last_metrics = values
+        with self.writer.as_default(step=epoch):
+            for key, value in values.items():
+                if math.isfinite(value):
+                    tf.summary.scalar(f"test/{key}", value)
+            tf.summary.image("test/amplitude", image_for_summary(np.abs(result.obj), result.mask))
+            tf.summary.image("test/phase", image_for_summary(np.angle(result.obj), result.mask))
+            if self.log_probe:
+                probe = self.model.get_layer("illumination").probe.numpy()
+                full = np.ones(probe.shape, bool)
+                tf.summary.image("probe/amplitude", image_for_summary(np.abs(probe), full))
+                tf.summary.image("probe/phase", image_for_summary(np.angle(probe), full))
+        self.writer.flush()
+        return values
+
+    def _learning_rate(self, step: int) -> float:
+        rate = self.model.optimizer.learning_rate
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            rate = rate(step)
+        return float(keras.ops.convert_to_numpy(rate))
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        save_model(self.model, self.checkpoint_dir / CHECKPOINT)
+        write_json({"epoch": epoch, "history": self.history}, self.checkpoint_dir / STATE)

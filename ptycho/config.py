@@ -1,0 +1,270 @@
+"""Configuration schemas (structured configs) and the checks made before any work.
+
+The dataclasses here are registered in Hydra's ConfigStore as the schemas of
+``conf/train.yaml`` and ``conf/infer.yaml``: a misspelt key or a value of the wrong type
+is rejected by Hydra when the configuration is composed. :func:`check_train` and
+:func:`check_infer` then check what types cannot express (impossible combinations,
+missing files) and raise :class:`ConfigError` with one line naming the field and the
+fix.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "InferConfig",
+    "ModelSection",
+    "TrainConfig",
+    "TrainSection",
+    "check_infer",
+    "check_train",
+    "register_configs",
+    "rollback_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the fix."""
+
+
+class Backend(Enum):
+    xla = "xla"
+    legacy = "legacy"
+
+
+class CompileMode(Enum):
+    jit = "jit"
+    graph = "graph"
+    eager = "eager"
+
+
+class DataSource(Enum):
+    simulate = "simulate"
+    file = "file"
+
+
+class ObjectKind(Enum):
+    lines = "lines"
+    grf = "grf"
+    image = "image"
+
+
+class ProbeKind(Enum):
+    disk = "disk"
+    fresnel = "fresnel"
+    gaussian = "gaussian"
+
+
+class ScanKind(Enum):
+    grid = "grid"
+    spiral = "spiral"
+    random = "random"
+
+
+class Schedule(Enum):
+    constant = "constant"
+    cosine = "cosine"
+    exponential = "exponential"
+
+
+@dataclass
+class TranslateSection:
+    backend: Backend = Backend.xla
+
+
+@dataclass
+class CompileSection:
+    mode: CompileMode = CompileMode.jit
+
+
+@dataclass
+class DataConfig:
+    """Where the scans come from: simulated (train and test objects differ) or files."""
+
+    source: DataSource = DataSource.simulate
+    path: Optional[str] = None  # file scan (.npz, .h5, .cxi) for source=file
+    test_path: Optional[str] = None  # optional separate test scan; default: the train scan
+    probe_path: Optional[str] = None  # probe for files without one (.npz/.h5 with probeGuess)
+    object_kind: ObjectKind = ObjectKind.lines
+    probe: ProbeKind = ProbeKind.fresnel
+    probe_radius: float = 0.25
+    fresnel_number: float = 8.0
+    scan: ScanKind = ScanKind.grid
+    n_positions: int = 400
+    test_positions: int = 400
+    step: float = 0.125
+    jitter: float = 0.0
+    nphotons: Optional[float] = 1e9
+    amplitude_range: List[float] = field(default_factory=lambda: [0.2, 1.0])
+    phase_range: List[float] = field(default_factory=lambda: [-1.5707963, 1.5707963])
+    images: List[str] = field(default_factory=lambda: ["camera", "moon"])
+    test_images: List[str] = field(default_factory=lambda: ["coins", "text"])
+    correlation_length: float = 4.0
+    seed: int = 0
+    test_seed: int = 1
+    k_neighbours: Optional[int] = None
+    n_groups: Optional[int] = None
+
+
+@dataclass
+class ModelSection:
+    n: int = 64
+    gridsize: int = 2
+    filters: int = 16
+    amplitude_activation: str = "sigmoid"
+    probe_trainable: bool = False
+    probe_mask_radius: Optional[float] = None
+    canvas_pad: Optional[int] = None
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 40
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    schedule: Schedule = Schedule.constant
+    final_learning_rate: float = 1e-4  # end of the cosine / exponential schedule
+    poisson_weight: float = 1.0
+    mae_weight: float = 0.0
+    seed: int = 0
+    eval_every: int = 5  # epochs between test-scan evaluations (0: only at the end)
+    log_every_steps: int = 10  # steps between per-step loss points in TensorBoard
+    max_minutes: Optional[float] = None  # stop after the epoch that crosses this wall time
+
+
+@dataclass
+class MetricsSection:
+    register: bool = True
+    remove_phase_ramp: bool = False
+
+
+@dataclass
+class TrainConfig:
+    translate: TranslateSection = field(default_factory=TranslateSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    infer_batch_size: int = 64
+    resume: bool = False
+
+
+@dataclass
+class InferConfig:
+    checkpoint: Optional[str] = None
+    translate: TranslateSection = field(default_factory=TranslateSection)
+    compile: CompileSection = field(default_factory=CompileSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    infer_batch_size: int = 64
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (``train_schema``, ``infer_schema``)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="infer_schema", node=InferConfig)
+
+
+def rollback_overrides(argv: list, environ: dict) -> list:
+    """Overrides implied by the rollback switches when the command line is silent.
+
+    ``USE_XLA_TRANSLATE=0`` selects ``translate=legacy`` and ``USE_XLA_COMPILE=0``
+    selects ``compile=graph``, unless the arguments already choose them. Since the
+    legacy warp cannot run under XLA, ``USE_XLA_TRANSLATE=0`` alone also selects
+    ``compile=graph`` when the command line does not choose a compile mode.
+    """
+    extra = []
+    chosen = {arg.lstrip("+~").split("=", 1)[0] for arg in argv if "=" in arg}
+    compile_chosen = bool(chosen & {"compile", "compile.mode"})
+    if environ.get("USE_XLA_TRANSLATE") == "0" and not chosen & {"translate", "translate.backend"}:
+        extra.append("translate=legacy")
+        if not compile_chosen:
+            extra.append("compile=graph")
+    graph_already = "compile=graph" in extra
+    if environ.get("USE_XLA_COMPILE") == "0" and not compile_chosen and not graph_already:
+        extra.append("compile=graph")
+    return extra
+
+
+def _value(choice) -> str:
+    return choice.value if isinstance(choice, Enum) else str(choice)
+
+
+def _check_backend(cfg) -> None:
+    if _value(cfg.translate.backend) == "legacy" and _value(cfg.compile.mode) == "jit":
+        raise ConfigError(
+            "translate=legacy cannot run with compile=jit (ImageProjectiveTransformV3 has no "
+            "XLA kernel): use translate=xla, or compile=graph for the legacy path"
+        )
+
+
+def _check_data_files(data) -> None:
+    if _value(data.source) == "file":
+        if not data.path:
+            raise ConfigError("data.path is required for a file scan: data=npz data.path=scan.npz")
+    for name in ("path", "test_path", "probe_path"):
+        value = getattr(data, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"data.{name}={value}: no such file")
+    if _value(data.source) == "simulate":
+        if data.n_positions < 1 or data.test_positions < 1:
+            raise ConfigError("data.n_positions and data.test_positions must be >= 1")
+        if data.nphotons is not None and not data.nphotons > 0:
+            raise ConfigError(f"data.nphotons={data.nphotons}: must be > 0, or null (noiseless)")
+        if not 0 < data.step:
+            raise ConfigError(f"data.step={data.step}: must be > 0 (fraction of N)")
+
+
+def check_train(cfg) -> None:
+    """Checks of a composed train config that need no TensorFlow; raise ConfigError."""
+    _check_backend(cfg)
+    model, train, data = cfg.model, cfg.train, cfg.data
+    if model.n not in (64, 128, 256):
+        raise ConfigError(f"model.n={model.n}: must be 64, 128 or 256")
+    if model.gridsize < 1:
+        raise ConfigError(f"model.gridsize={model.gridsize}: must be >= 1")
+    if model.filters < 1:
+        raise ConfigError(f"model.filters={model.filters}: must be >= 1")
+    if train.epochs < 1:
+        raise ConfigError(f"train.epochs={train.epochs}: must be >= 1")
+    if train.batch_size < 1:
+        raise ConfigError(f"train.batch_size={train.batch_size}: must be >= 1")
+    if not train.learning_rate > 0:
+        raise ConfigError(f"train.learning_rate={train.learning_rate}: must be > 0")
+    if (
+        train.poisson_weight < 0
+        or train.mae_weight < 0
+        or (train.poisson_weight + train.mae_weight == 0)
+    ):
+        raise ConfigError("train.poisson_weight and train.mae_weight must be >= 0, not both 0")
+    if cfg.infer_batch_size < 1:
+        raise ConfigError(f"infer_batch_size={cfg.infer_batch_size}: must be >= 1")
+    _check_data_files(data)
+    if _value(data.source) == "simulate":
+        groups = data.n_groups or data.n_positions
+        if train.batch_size > groups:
+            raise ConfigError(
+                f"train.batch_size={train.batch_size} is larger than the {groups} training "
+                "samples: lower train.batch_size or raise data.n_positions"
+            )
+
+
+def check_infer(cfg) -> None:
+    """Checks of a composed infer config that need no TensorFlow; raise ConfigError."""
+    _check_backend(cfg)
+    if not cfg.checkpoint:
+        raise ConfigError("checkpoint is required: infer.py checkpoint=outputs/<run>/model.keras")
+    if not Path(cfg.checkpoint).is_file():
+        raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file")
+    if cfg.infer_batch_size < 1:
+        raise ConfigError(f"infer_batch_size={cfg.infer_batch_size}: must be >= 1")
+    _check_data_files(cfg.data)

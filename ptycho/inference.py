@@ -1,0 +1,199 @@
+"""Reconstructing a whole scan with a trained model: predict, stitch, score.
+
+Patterns are predicted in fixed-size batches (the last one padded), so the predict
+function is traced once whatever the scan length, and the patches are stitched as
+they come (:class:`ptycho.stitch.Stitcher`), so memory does not grow with the scan.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ptycho import metrics
+from ptycho.data.grouping import group_neighbours, group_offsets
+from ptycho.data.scan import Scan
+from ptycho.stitch import Stitcher, object_shape_for
+
+__all__ = ["Reconstruction", "model_geometry", "reconstruct", "scored", "scan_region"]
+
+
+@dataclass
+class Reconstruction:
+    """A stitched object and the data-consistency figures of the prediction."""
+
+    obj: np.ndarray  # (H, W) complex64, in the positions' pixel frame
+    mask: np.ndarray  # (H, W) bool, covered pixels
+    r_factor: float
+    poisson_nll: float
+    patterns: int
+    seconds: float
+    traces: int
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def patterns_per_s(self) -> float:
+        return self.patterns / self.seconds if self.seconds > 0 else math.inf
+
+
+def model_geometry(model: keras.Model) -> tuple[int, int]:
+    """(N, gridsize) a model was built for, from its ``diffraction`` input."""
+    shape = model.get_layer("diffraction").output.shape  # (None, N, N, C)
+    return int(shape[1]), int(round(math.sqrt(int(shape[3]))))
+
+
+def _check_scan(model: keras.Model, scan: Scan) -> tuple[int, int]:
+    n, gridsize = model_geometry(model)
+    if scan.n != n:
+        raise ValueError(
+            f"the scan's patterns are {scan.n} x {scan.n} but the model was trained on "
+            f"N = {n}; use a checkpoint trained at N = {scan.n}"
+        )
+    probe = model.get_layer("illumination").n
+    if probe != scan.probe.shape[0]:
+        raise ValueError(
+            f"the scan's probe is {scan.probe.shape}, the model's is ({probe}, {probe})"
+        )
+    if scan.n_positions < gridsize * gridsize:
+        raise ValueError(
+            f"the scan has {scan.n_positions} positions, fewer than one group of "
+            f"gridsize {gridsize} needs ({gridsize * gridsize})"
+        )
+    return n, gridsize
+
+
+def reconstruct(
+    model: keras.Model,
+    scan: Scan,
+    *,
+    batch_size: int = 64,
+    compile_mode: str = "jit",
+    backend: str = "xla",
+    seed: int = 0,
+    shape: tuple[int, int] | None = None,
+    predict_fn=None,
+) -> Reconstruction:
+    """Reconstruct the object of ``scan`` with a trained (training) model.
+
+    Every position seeds one group of C = gridsize^2 neighbours; each group's C
+    object patches (after the overlap constraint) are stitched at their global
+    positions, weighted by the probe intensity. The R-factor and Poisson NLL compare
+    the predicted far-field amplitudes with the measured ones (both normalised).
+
+    Parameters
+    ----------
+    model : keras.Model
+        The training model of :func:`ptycho.model.build_model` (or loaded from
+        ``model.keras``): outputs ``amplitude`` and ``object``.
+    scan : Scan
+    batch_size : int
+        Groups per predict call (fixed; the last batch is padded).
+    compile_mode : {"jit", "graph", "eager"}
+    backend : {"xla", "legacy"}
+        Warp backend of the stitcher (the model's own is set on its layers).
+    shape : (H, W), optional
+        Object frame; default the ground truth's shape, or just large enough.
+    predict_fn : callable, optional
+        A compiled ``inputs -> outputs`` to reuse (e.g. across evaluations in training).
+    """
+    n, gridsize = _check_scan(model, scan)
+    start = time.perf_counter()
+    groups = group_neighbours(scan.xcoords, scan.ycoords, gridsize, seed=seed)
+    centres, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
+    positions = centres[:, None, :] + offsets  # (G, C, 2) global [x, y] of every patch
+    factor = float(model.get_layer("normalise").factor)
+    if shape is None:
+        shape = (
+            scan.object.shape
+            if scan.object is not None
+            else object_shape_for(scan.xcoords, scan.ycoords, n)
+        )
+    probe = model.get_layer("illumination").probe.numpy()
+    stitcher = Stitcher(
+        shape, n, probe=probe, backend=backend, batch_size=batch_size * gridsize * gridsize
+    )
+    if predict_fn is None:
+        predict_fn = make_predict_fn(model, compile_mode)
+    c = gridsize * gridsize
+    abs_error = measured_sum = nll_sum = 0.0
+    count = 0
+    for first in range(0, len(groups), batch_size):
+        index = groups[first : first + batch_size]
+        size = len(index)
+        amplitudes = np.zeros((batch_size, n, n, c), np.float32)
+        amplitudes[:size] = np.moveaxis(scan.diffraction[index], 1, -1)
+        inputs = {"diffraction": tf.constant(amplitudes)}
+        if c > 1:
+            shifts = np.zeros((batch_size, c, 2), np.float32)
+            shifts[:size] = offsets[first : first + batch_size]
+            inputs["offsets"] = tf.constant(shifts)
+        outputs = predict_fn(inputs)
+        predicted = outputs["amplitude"].numpy()[:size].astype(np.float64)
+        measured = amplitudes[:size].astype(np.float64) * factor
+        abs_error += float(np.sum(np.abs(predicted - measured)))
+        measured_sum += float(np.sum(measured))
+        nll_sum += metrics.poisson_nll(predicted, measured) * predicted.size
+        count += predicted.size
+        patches = np.moveaxis(outputs["object"].numpy()[:size], -1, 1).reshape(-1, n, n)
+        where = positions[first : first + batch_size].reshape(-1, 2)
+        stitcher.add(patches, where[:, 0], where[:, 1])
+    obj, mask = stitcher.result()
+    return Reconstruction(
+        obj=obj,
+        mask=mask,
+        r_factor=abs_error / measured_sum if measured_sum > 0 else math.nan,
+        poisson_nll=nll_sum / count,
+        patterns=scan.n_positions,
+        seconds=time.perf_counter() - start,
+        traces=_tracing_count(predict_fn),
+    )
+
+
+def make_predict_fn(model: keras.Model, compile_mode: str):
+    """``inputs -> outputs`` of the model for inference, compiled for ``compile_mode``."""
+
+    def predict(inputs):
+        outputs = model(inputs, training=False)
+        return {"amplitude": outputs["amplitude"], "object": outputs["object"]}
+
+    if compile_mode == "eager":
+        return predict
+    return tf.function(predict, jit_compile=(compile_mode == "jit"))
+
+
+def _tracing_count(fn) -> int:
+    counter = getattr(fn, "experimental_get_tracing_count", None)
+    return int(counter()) if counter else 0
+
+
+def scan_region(scan: Scan) -> tuple[slice, slice]:
+    """The scanned region: the bounding box of the patch centres (every pixel of it is
+    well illuminated for any overlapping scan)."""
+    return (
+        slice(int(math.floor(scan.ycoords.min())), int(math.ceil(scan.ycoords.max())) + 1),
+        slice(int(math.floor(scan.xcoords.min())), int(math.ceil(scan.xcoords.max())) + 1),
+    )
+
+
+def scored(
+    result: Reconstruction, scan: Scan, *, register: bool = True, remove_phase_ramp: bool = False
+) -> dict:
+    """Metrics of a reconstruction: data consistency always, ground truth when known."""
+    out = {"r_factor": result.r_factor, "poisson_nll": result.poisson_nll}
+    if scan.object is not None:
+        out.update(
+            metrics.compare(
+                scan.object,
+                result.obj,
+                region=scan_region(scan),
+                register=register,
+                remove_phase_ramp=remove_phase_ramp,
+            )
+        )
+    result.metrics = out
+    return out

@@ -1,0 +1,118 @@
+"""Writing a run's files atomically: nothing half-written, nothing clobbered on failure.
+
+Every writer here writes to a temporary file beside the target and renames it over the
+target only once the write has completed (``os.replace`` is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "atomic_path",
+    "save_model",
+    "save_reconstruction",
+    "save_reconstruction_png",
+    "write_json",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = ".tmp"):
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    ``suffix`` lets writers that check file endings (Keras wants ``.keras``) accept it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+def write_json(data: dict, path: Path) -> Path:
+    """Write ``data`` as indented JSON (numpy scalars converted; inf/nan as strings)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def save_model(model, path: Path) -> Path:
+    """``model.save`` to a temporary ``.keras`` file, then rename over ``path``."""
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+    return Path(path)
+
+
+def save_reconstruction(obj: np.ndarray, mask: np.ndarray, path: Path) -> Path:
+    """``reconstruction.npz``: ``obj`` complex64, ``mask`` bool, ``amplitude``, ``phase``."""
+    obj = np.asarray(obj, np.complex64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(
+            handle, obj=obj, mask=np.asarray(mask, bool), amplitude=np.abs(obj), phase=np.angle(obj)
+        )
+    return Path(path)
+
+
+def save_reconstruction_png(
+    obj: np.ndarray, mask: np.ndarray, path: Path, *, title: str = ""
+) -> Path:
+    """Amplitude and phase side by side with colour bars (covered pixels only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    amplitude = np.where(mask, np.abs(obj), np.nan)
+    phase = np.where(mask, np.angle(obj), np.nan)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
+    for axis, image, label, cmap in (
+        (axes[0], amplitude, "amplitude", "gray"),
+        (axes[1], phase, "phase (rad)", "twilight"),
+    ):
+        shown = axis.imshow(image, cmap=cmap)
+        axis.set_title(label)
+        axis.set_xlabel("x (object pixels)")
+        axis.set_ylabel("y (object pixels)")
+        figure.colorbar(shown, ax=axis, shrink=0.85)
+    if title:
+        figure.suptitle(title)
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    return Path(path)

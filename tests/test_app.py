@@ -1,0 +1,337 @@
+"""The Hydra application: composed configs, real train/infer runs, outputs, refusals.
+
+In the style of lightning-hydra-template: compose the real configuration, shrink it
+with ``debug=smoke``, point the outputs at ``tmp_path`` and run the real functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from ptycho import app
+from ptycho.config import ConfigError, register_configs, rollback_overrides
+from ptycho.data import load_scan, save_scan, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+METRIC_FIELDS = (
+    "amp_psnr",
+    "amp_ssim",
+    "phase_psnr",
+    "phase_ssim",
+    "amp_frc50",
+    "phase_frc50",
+    "r_factor",
+)
+
+
+def make_config(name: str = "train", overrides=()):
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("train_run")
+    cfg = make_config(overrides=["debug=smoke", "train.epochs=2"])
+    summary = app.train(cfg, run_dir)
+    return run_dir, summary
+
+
+def read_events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    return events
+
+
+def scalar_tags(run_dir: Path) -> dict[str, list[float]]:
+    """Scalar summaries (TF2 writes them as tensors with the "scalars" plugin)."""
+    import tensorflow as tf
+
+    events = read_events(run_dir)
+    return {
+        tag: [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+        for tag in events.Tags()["tensors"]
+        if events.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Training and inference
+# --------------------------------------------------------------------------------------
+
+
+def test_train_writes_every_output(trained_run):
+    run_dir, summary = trained_run
+    for name in (
+        "model.keras",
+        "metrics.json",
+        "train_scan.npz",
+        "test_scan.npz",
+        "reconstruction.npz",
+        "reconstruction.png",
+        "checkpoints/last.keras",
+        "checkpoints/state.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for field in METRIC_FIELDS:
+        assert math.isfinite(metrics[field]), field
+    assert metrics["epochs"] == 2 and metrics["translate"] == "xla" and metrics["compile"] == "jit"
+    reconstruction = np.load(run_dir / "reconstruction.npz")
+    test_scan = load_scan(run_dir / "test_scan.npz")
+    assert reconstruction["obj"].dtype == np.complex64
+    assert reconstruction["obj"].shape == test_scan.object.shape == reconstruction["mask"].shape
+    assert reconstruction["mask"].dtype == bool and reconstruction["mask"].any()
+    assert not reconstruction["obj"][~reconstruction["mask"]].any()
+    train_scan = load_scan(run_dir / "train_scan.npz")
+    assert not np.array_equal(train_scan.object[:20, :20], test_scan.object[:20, :20])
+    assert summary["amp_ssim"] == metrics["amp_ssim"]
+
+
+def test_tensorboard_holds_losses_metrics_images_config_and_hparams(trained_run):
+    run_dir, _ = trained_run
+    tags = scalar_tags(run_dir)
+    for tag in (
+        "train/loss",
+        "train/loss_step",
+        "train/learning_rate",
+        "train/samples_per_s",
+        *(f"test/{field}" for field in METRIC_FIELDS),
+        "final/amp_ssim",
+    ):
+        assert tag in tags, tag
+        assert all(math.isfinite(v) for v in tags[tag]), tag
+    assert len(tags["train/loss"]) == 2
+    events = read_events(run_dir)
+    plugins = {
+        events.SummaryMetadata(tag).plugin_data.plugin_name for tag in events.Tags()["tensors"]
+    }
+    assert {"scalars", "images", "text", "hparams"} <= plugins
+    assert "test/amplitude" in events.Tags()["tensors"]
+
+
+def test_infer_reconstructs_a_scan_file_with_the_trained_model(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    cfg = make_config(
+        "infer",
+        [
+            f"checkpoint={run_dir / 'model.keras'}",
+            "data=npz",
+            f"data.path={run_dir / 'test_scan.npz'}",
+            "infer_batch_size=8",
+        ],
+    )
+    summary = app.infer(cfg, tmp_path)
+    assert summary["traces"] == 1  # fixed batches: one trace however long the scan
+    for field in METRIC_FIELDS:
+        assert math.isfinite(summary[field]), field
+    assert (tmp_path / "reconstruction.npz").is_file() and (
+        tmp_path / "reconstruction.png"
+    ).is_file()
+    # The same model reconstructs the same scan in training and inference.
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["r_factor"] == pytest.approx(trained["r_factor"], rel=1e-3)
+
+
+def test_infer_with_the_other_backend_agrees(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    common = [
+        f"checkpoint={run_dir / 'model.keras'}",
+        "data=npz",
+        f"data.path={run_dir / 'test_scan.npz'}",
+        "infer_batch_size=8",
+    ]
+    xla = app.infer(make_config("infer", common), tmp_path / "xla")
+    legacy = app.infer(
+        make_config("infer", [*common, "translate=legacy", "compile=graph"]), tmp_path / "legacy"
+    )
+    assert legacy["r_factor"] == pytest.approx(xla["r_factor"], rel=1e-3)
+
+
+def test_infer_refuses_data_whose_n_does_not_match_the_checkpoint(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    scan = simulate(n=128, n_positions=9, seed=0)
+    save_scan(scan, tmp_path / "big.npz")
+    cfg = make_config(
+        "infer",
+        [f"checkpoint={run_dir / 'model.keras'}", "data=npz", f"data.path={tmp_path / 'big.npz'}"],
+    )
+    with pytest.raises(ConfigError, match="N = 64"):
+        app.infer(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "reconstruction.npz").exists()
+
+
+def test_train_on_a_user_scan_file(tmp_path):
+    scan = simulate(n=64, n_positions=36, step=0.125, seed=3)
+    save_scan(scan, tmp_path / "scan.npz")
+    cfg = make_config(
+        overrides=["debug=smoke", "data=npz", f"data.path={tmp_path / 'scan.npz'}", "compile=graph"]
+    )
+    summary = app.train(cfg, tmp_path / "run")
+    assert math.isfinite(summary["amp_ssim"])  # objectGuess present: ground-truth metrics
+    assert not (tmp_path / "run" / "train_scan.npz").exists()  # files are not copied
+
+
+def test_resume_continues_from_the_last_completed_epoch(tmp_path):
+    first = make_config(overrides=["debug=smoke", "compile=graph", "train.epochs=1"])
+    app.train(first, tmp_path)
+    with pytest.raises(ConfigError, match="resume=true"):
+        app.train(first, tmp_path)  # a run dir with checkpoints is not silently reused
+    again = make_config(overrides=["debug=smoke", "compile=graph", "train.epochs=2", "resume=true"])
+    summary = app.train(again, tmp_path)
+    state = json.loads((tmp_path / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [1, 2]
+    assert summary["epochs"] == 2
+
+
+# --------------------------------------------------------------------------------------
+# Refusals
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["translate=legacy", "compile=jit"], "use translate=xla, or compile=graph"),
+        (["model.n=100"], "model.n=100: must be 64, 128 or 256"),
+        (["model.gridsize=0"], "model.gridsize=0: must be >= 1"),
+        (["data=npz", "data.path=/no/such/scan.npz"], "data.path=/no/such/scan.npz: no such file"),
+        (["data=npz"], "data.path is required"),
+        (["train.batch_size=1000"], "larger than the 36 training samples"),
+    ],
+)
+def test_impossible_configurations_are_refused_before_any_work(tmp_path, overrides, match):
+    cfg = make_config(overrides=["debug=smoke", *overrides])
+    with pytest.raises(ConfigError, match=match):
+        app.train(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("train.epoch=3", ConfigCompositionException),  # typo
+        ("train.epochs=many", ConfigCompositionException),  # wrong type
+        ("translate.backend=fast", ConfigCompositionException),  # not a choice
+        ("translate=fast", MissingConfigException),  # no such config
+    ],
+)
+def test_hydra_rejects_typos_and_wrong_types(override, error):
+    with pytest.raises(error):
+        make_config(overrides=[override])
+
+
+def test_schema_types_reach_the_config():
+    cfg = make_config(overrides=["debug=smoke"])
+    assert cfg.model.n == 64 and cfg.train.epochs == 1 and cfg.data.n_positions == 36
+    with pytest.raises((ConfigKeyError, ValidationError, AttributeError)):
+        cfg.train.epochz = 1
+
+
+def test_rollback_switches_apply_only_when_the_command_line_is_silent():
+    env = {"USE_XLA_TRANSLATE": "0"}
+    assert rollback_overrides([], env) == ["translate=legacy", "compile=graph"]
+    assert rollback_overrides(["translate=xla"], env) == []
+    assert rollback_overrides(["compile=eager"], env) == ["translate=legacy"]
+    assert rollback_overrides([], {"USE_XLA_COMPILE": "0"}) == ["compile=graph"]
+    assert rollback_overrides(["compile=jit"], {"USE_XLA_COMPILE": "0"}) == []
+    assert rollback_overrides([], {"USE_XLA_TRANSLATE": "1"}) == []
+    cfg = make_config(overrides=rollback_overrides([], env))
+    assert cfg.translate.backend.value == "legacy" and cfg.compile.mode.value == "graph"
+
+
+# --------------------------------------------------------------------------------------
+# The entry points as users run them
+# --------------------------------------------------------------------------------------
+
+
+def run_script(*args, env=None, timeout=600):
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+    )
+
+
+def test_refused_configuration_exits_2_with_one_line():
+    result = run_script("train.py", "translate=legacy", "compile=jit")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [
+        "error: translate=legacy cannot run with compile=jit (ImageProjectiveTransformV3 has no "
+        "XLA kernel): use translate=xla, or compile=graph for the legacy path"
+    ]
+
+
+@pytest.mark.slow
+def test_train_script_with_rollback_environment(tmp_path):
+    result = run_script(
+        "train.py", "debug=smoke", f"hydra.run.dir={tmp_path}", env={"USE_XLA_TRANSLATE": "0"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["translate"], metrics["compile"]) == ("legacy", "graph")
+    assert (tmp_path / "train.log").is_file()
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_two_cells(tmp_path):
+    result = run_script(
+        "train.py",
+        "-m",
+        "translate=xla,legacy",
+        "compile=graph",
+        "debug=smoke",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = sorted(tmp_path.glob("*/metrics.json"))
+    assert len(cells) == 2
+    backends = {json.loads(path.read_text())["translate"] for path in cells}
+    assert backends == {"xla", "legacy"}
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_sweep(tmp_path):
+    result = run_script(
+        "train.py",
+        "-m",
+        "hydra/launcher=local",
+        "compile=graph",
+        "debug=smoke",
+        "train.seed=1,2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 2
+
+
+def test_hydra_is_only_used_by_the_entry_points_and_the_glue():
+    sources = {path.name: path.read_text() for path in (ROOT / "ptycho").rglob("*.py")}
+    users = {
+        name for name, text in sources.items() if "import hydra" in text or "from hydra" in text
+    }
+    assert users <= {"config.py"}  # ConfigStore registration only
+    readers = {name for name, text in sources.items() if "os.environ" in text}
+    assert readers <= {"cli.py"}  # HYDRA_FULL_ERROR for tracebacks
+    assert hydra.__version__.startswith("1.")

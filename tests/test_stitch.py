@@ -1,0 +1,81 @@
+"""Stitching patches back into an object, in the positions' pixel frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptycho.data import make_probe
+from ptycho.stitch import Stitcher, extract_patches, object_shape_for, stitch_patches
+
+
+def random_object(shape=(120, 130), seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0.3, 1, shape) * np.exp(1j * rng.uniform(-1, 1, shape))).astype(
+        np.complex64
+    )
+
+
+def grid(n=32, step=8, count=6, offset=20.0):
+    x, y = np.meshgrid(offset + step * np.arange(count), offset + step * np.arange(count))
+    return x.ravel().astype(float), y.ravel().astype(float)
+
+
+@pytest.mark.parametrize("backend", ["xla", "legacy"])
+def test_stitching_exact_patches_at_integer_positions_returns_the_object(backend):
+    obj = random_object()
+    x, y = grid()
+    patches = extract_patches(obj, x, y, 32)
+    probe = make_probe(32, kind="gaussian", radius=0.4)
+    out, mask = stitch_patches(patches, x, y, obj.shape, probe=probe, backend=backend)
+    assert out.shape == obj.shape and out.dtype == np.complex64
+    np.testing.assert_allclose(out[mask], obj[mask], atol=1e-5)
+    assert not out[~mask].any()
+    # Pixel (y, x) of the result is object coordinate (y, x): the covered box.
+    rows, cols = np.nonzero(mask)
+    assert rows.min() >= y.min() - 16 and rows.max() <= y.max() + 16
+    assert cols.min() >= x.min() - 16 and cols.max() <= x.max() + 16
+
+
+def test_subpixel_positions_stitch_close_to_the_object():
+    rng = np.random.default_rng(1)
+    import scipy.ndimage
+
+    smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(120, 130)), 3)
+    obj = (1 + 0.2 * smooth).astype(np.complex64)
+    x, y = grid()
+    x, y = x + rng.uniform(-0.5, 0.5, x.shape), y + rng.uniform(-0.5, 0.5, y.shape)
+    patches = extract_patches(obj, x, y, 32)
+    out, mask = stitch_patches(patches, x, y, obj.shape)
+    inner = mask.copy()
+    inner[: int(y.min()), :] = inner[int(y.max()) :, :] = False
+    inner[:, : int(x.min())] = inner[:, int(x.max()) :] = False
+    assert np.abs(out[inner] - obj[inner]).max() < 5e-3
+
+
+def test_weighted_average_of_two_disagreeing_patches():
+    patches = np.stack([np.full((16, 16), 1.0), np.full((16, 16), 3.0)]).astype(np.complex64)
+    x = y = np.array([20.0, 20.0])
+    probe = np.ones((16, 16))
+    out, mask = stitch_patches(patches, x, y, (40, 40), probe=probe)
+    np.testing.assert_allclose(out[mask], 2.0)
+    assert mask.sum() == 16 * 16 and mask[12:28, 12:28].all()
+
+
+def test_streaming_traces_once_for_any_scan_length():
+    obj = random_object((200, 200))
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(20, 180, 700), rng.uniform(20, 180, 700)
+    patches = extract_patches(obj, x, y, 32)
+    stitcher = Stitcher(obj.shape, 32, batch_size=64)
+    for start in range(0, 700, 100):  # arrives in pieces, last batch partial
+        stitcher.add(patches[start : start + 100], x[start : start + 100], y[start : start + 100])
+    assert stitcher.traces == 1
+    out, mask = stitcher.result()
+    whole, whole_mask = stitch_patches(patches, x, y, obj.shape, batch_size=64)
+    np.testing.assert_allclose(out, whole, atol=1e-6)
+    np.testing.assert_array_equal(mask, whole_mask)
+
+
+def test_object_shape_holds_every_patch():
+    assert object_shape_for(np.array([16.0, 40.5]), np.array([16.0, 30.0]), 32) == (47, 58)

@@ -12,11 +12,13 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ptycho.cli import run_job
+from ptycho.cli import precheck, run_job
 from ptycho.config import register_configs, rollback_overrides
 
+CONF = Path(__file__).resolve().parent / "conf"
 register_configs()
 sys.argv += rollback_overrides(sys.argv[1:], os.environ)
+precheck(CONF, "train", sys.argv[1:])
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

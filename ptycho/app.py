@@ -19,10 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptycho import __version__
 from ptycho.callbacks import CHECKPOINT, STATE, TrainingMonitor
-from ptycho.config import ConfigError, check_infer, check_train
+from ptycho.config import check_infer, check_train
 from ptycho.data import (
     Scan,
-    ScanFileError,
     group_neighbours,
     load_scan,
     make_dataset,
@@ -30,7 +29,8 @@ from ptycho.data import (
     save_scan,
     simulate,
 )
-from ptycho.inference import reconstruct, scored
+from ptycho.errors import ConfigError, DataError, Interrupted, TrainingDiverged
+from ptycho.inference import ScanMismatch, reconstruct, scored
 from ptycho.layers import set_translate_backend
 from ptycho.model import ModelConfig, build_model, compile_model, load_model
 from ptycho.outputs import save_model, save_reconstruction, save_reconstruction_png, write_json
@@ -38,10 +38,6 @@ from ptycho.outputs import save_model, save_reconstruction, save_reconstruction_
 __all__ = ["infer", "train"]
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 def _value(choice):
@@ -89,7 +85,7 @@ def load_data(data: DictConfig, n: int) -> tuple[Scan, Scan]:
     test_scan = _load(data.test_path, data.probe_path) if data.test_path else train_scan
     for name, scan in (("data.path", train_scan), ("data.test_path", test_scan)):
         if scan.n != n:
-            raise ConfigError(
+            raise DataError(
                 f"{name}: patterns are {scan.n} x {scan.n} but model.n={n}; pass model.n={scan.n}"
             )
     return train_scan, test_scan
@@ -168,10 +164,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     keras.utils.set_random_seed(cfg.train.seed)
     started = time.perf_counter()
 
-    try:
-        train_scan, test_scan = load_data(cfg.data, cfg.model.n)
-    except ScanFileError as error:
-        raise ConfigError(str(error)) from error
+    train_scan, test_scan = load_data(cfg.data, cfg.model.n)
     if _value(cfg.data.source) == "simulate":
         save_scan(train_scan, run_dir / "train_scan.npz")
         save_scan(test_scan, run_dir / "test_scan.npz")
@@ -212,6 +205,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         set_translate_backend(model, backend)
         model.jit_compile = mode == "jit"
         model.run_eagerly = mode == "eager"
+        # The optimizer state (Adam moments, step count) comes from the checkpoint; the
+        # learning rate follows the configuration, so a diverged run can resume lower.
+        model.optimizer.learning_rate = _schedule(cfg.train, epochs * steps)
         factor = float(model.get_layer("normalise").factor)
         initial_epoch = int(state["epoch"])
         log.info("resuming from epoch %d of %d", initial_epoch, epochs)
@@ -258,15 +254,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     )
     fit_start = time.perf_counter()
     if initial_epoch < epochs:
-        model.fit(
-            dataset,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps,
-            callbacks=[monitor],
-            verbose=0,
-            shuffle=False,  # the dataset shuffles itself, by (seed, epoch)
-        )
+        try:
+            model.fit(
+                dataset,
+                epochs=epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps,
+                callbacks=[monitor],
+                verbose=0,
+                shuffle=False,  # the dataset shuffles itself, by (seed, epoch)
+            )
+        except KeyboardInterrupt:
+            done = monitor.history[-1]["epoch"] if monitor.history else initial_epoch
+            saved = (
+                f"the checkpoint of epoch {done} is in {run_dir / 'checkpoints'}"
+                if done
+                else "no epoch had completed"
+            )
+            raise Interrupted(
+                f"stopped during epoch {done + 1}; {saved}. Continue with the same command "
+                f"plus hydra.run.dir={run_dir} resume=true"
+            ) from None
     fit_seconds = time.perf_counter() - fit_start
     if monitor.nan_at is not None:
         epoch, step = monitor.nan_at
@@ -325,8 +333,9 @@ def _log_final(monitor: TrainingMonitor, values: dict, summary: dict, epoch: int
             if math.isfinite(value):
                 tf.summary.scalar(f"test/{key}", value)
                 tf.summary.scalar(f"final/{key}", value)
-        if math.isfinite(summary["samples_per_s"]):
-            tf.summary.scalar("final/samples_per_s", summary["samples_per_s"])
+        for key in ("samples_per_s", "steps_per_s"):
+            if math.isfinite(summary[key]):
+                tf.summary.scalar(f"final/{key}", summary[key])
     monitor.writer.flush()
 
 
@@ -351,17 +360,15 @@ def infer(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         model = load_model(cfg.checkpoint, translate_backend=backend)
     except Exception as error:  # noqa: BLE001 - any load failure is a bad checkpoint
-        raise ConfigError(
-            f"checkpoint={cfg.checkpoint}: cannot load the model ({error})"
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(
+            f"checkpoint={cfg.checkpoint}: cannot load the model ({message})"
         ) from error
     if _value(cfg.data.source) == "simulate":
         n = int(model.get_layer("diffraction").output.shape[1])
         scan = simulate_scan(cfg.data, n, test=True)
     else:
-        try:
-            scan = _load(cfg.data.path, cfg.data.probe_path)
-        except ScanFileError as error:
-            raise ConfigError(str(error)) from error
+        scan = _load(cfg.data.path, cfg.data.probe_path)
     try:
         result = reconstruct(
             model,
@@ -371,8 +378,8 @@ def infer(cfg: DictConfig, run_dir: Path) -> dict:
             backend=backend,
             seed=cfg.seed,
         )
-    except ValueError as error:
-        raise ConfigError(f"{cfg.data.path or 'data'}: {error}") from error
+    except ScanMismatch as error:
+        raise DataError(f"{cfg.data.path or 'data'}: {error}") from error
     values = scored(
         result, scan, register=cfg.metrics.register, remove_phase_ramp=cfg.metrics.remove_phase_ramp
     )

@@ -1,7 +1,10 @@
 """Running an app function from an entry point: one clear line on failure, exit codes.
 
-Exit code 2: a configuration problem (:class:`ptycho.config.ConfigError`); 1: a failure
-while running. The full traceback is printed only with ``HYDRA_FULL_ERROR=1``.
+Exit codes: 2 for a configuration problem (a typo, a wrong type, an impossible
+combination, a missing file or checkpoint: :class:`ptycho.config.ConfigError`); 1 for a
+failure while running (unreadable or invalid data, a diverged training); 130 after
+Ctrl-C. The message is one line on stderr starting with ``error:``; the full traceback
+is printed only with ``HYDRA_FULL_ERROR=1``.
 """
 
 from __future__ import annotations
@@ -9,12 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
-from ptycho.config import ConfigError
+from ptycho.errors import ConfigError, Interrupted
 
-__all__ = ["run_job"]
+__all__ = ["precheck", "run_job"]
 
 log = logging.getLogger("ptycho")
+
+CONFIG_EXIT = 2
+RUNTIME_EXIT = 1
+INTERRUPT_EXIT = 130
 
 
 def run_job(function, *args):
@@ -22,17 +30,58 @@ def run_job(function, *args):
     try:
         return function(*args)
     except ConfigError as error:
-        _fail(error, 2)
-    except KeyboardInterrupt:
-        raise
+        _fail(error, CONFIG_EXIT)
+    except Interrupted as error:
+        _fail(error, INTERRUPT_EXIT, prefix="interrupted")
     except Exception as error:  # noqa: BLE001 - reported as one line, code 1
-        _fail(error, 1)
+        _fail(error, RUNTIME_EXIT)
 
 
-def _fail(error: Exception, code: int) -> None:
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("full_key:", "object_type="))]
+    return "; ".join(lines) or type(text).__name__
+
+
+def _fail(error: BaseException, code: int, prefix: str = "error") -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    message = f"error: {error}"
-    log.error(message)
+    message = f"{prefix}: {_one_line(str(error)) or type(error).__name__}"
+    if logging.getLogger().handlers:  # inside a Hydra job: also into train.log
+        log.error(message)
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
+    """Compose the configuration of a single run before Hydra starts it.
+
+    Hydra reports a bad override with several lines and exit code 1; this reports it
+    as one line with exit code 2, and refuses an explicit ``hydra.run.dir`` that cannot
+    be written. Sweeps (``-m``) and Hydra's own flags are left to Hydra.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return
+    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(config_dir), version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        _fail(error, CONFIG_EXIT)
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            _check_writable(Path(arg.split("=", 1)[1]))
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        _fail(
+            ConfigError(f"hydra.run.dir={folder}: cannot create or write this folder"), CONFIG_EXIT
+        )

@@ -13,6 +13,8 @@ from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+from ptycho.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -25,10 +27,6 @@ __all__ = [
     "register_configs",
     "rollback_overrides",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and the fix."""
 
 
 class Backend(Enum):
@@ -90,11 +88,11 @@ class DataConfig:
     test_path: Optional[str] = None  # optional separate test scan; default: the train scan
     probe_path: Optional[str] = None  # probe for files without one (.npz/.h5 with probeGuess)
     object_kind: ObjectKind = ObjectKind.lines
-    probe: ProbeKind = ProbeKind.fresnel
+    probe: ProbeKind = ProbeKind.disk
     probe_radius: float = 0.25
     fresnel_number: float = 8.0
     scan: ScanKind = ScanKind.grid
-    n_positions: int = 400
+    n_positions: int = 2500
     test_positions: int = 400
     step: float = 0.125
     jitter: float = 0.0
@@ -119,11 +117,12 @@ class ModelSection:
     probe_trainable: bool = False
     probe_mask_radius: Optional[float] = None
     canvas_pad: Optional[int] = None
+    object_support: str = "half"
 
 
 @dataclass
 class TrainSection:
-    epochs: int = 40
+    epochs: int = 200
     batch_size: int = 16
     learning_rate: float = 1e-3
     schedule: Schedule = Schedule.constant
@@ -131,9 +130,9 @@ class TrainSection:
     poisson_weight: float = 1.0
     mae_weight: float = 0.0
     seed: int = 0
-    eval_every: int = 5  # epochs between test-scan evaluations (0: only at the end)
+    eval_every: int = 10  # epochs between test-scan evaluations (0: only at the end)
     log_every_steps: int = 10  # steps between per-step loss points in TensorBoard
-    max_minutes: Optional[float] = None  # stop after the epoch that crosses this wall time
+    max_minutes: Optional[float] = 9.0  # stop after the epoch that crosses this wall time
 
 
 @dataclass

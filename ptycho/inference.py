@@ -20,7 +20,18 @@ from ptycho.data.grouping import group_neighbours, group_offsets
 from ptycho.data.scan import Scan
 from ptycho.stitch import Stitcher, object_shape_for
 
-__all__ = ["Reconstruction", "model_geometry", "reconstruct", "scored", "scan_region"]
+__all__ = [
+    "Reconstruction",
+    "ScanMismatch",
+    "model_geometry",
+    "reconstruct",
+    "scan_region",
+    "scored",
+]
+
+
+class ScanMismatch(ValueError):
+    """The scan does not fit the model (pattern size, probe size, too few positions)."""
 
 
 @dataclass
@@ -50,17 +61,17 @@ def model_geometry(model: keras.Model) -> tuple[int, int]:
 def _check_scan(model: keras.Model, scan: Scan) -> tuple[int, int]:
     n, gridsize = model_geometry(model)
     if scan.n != n:
-        raise ValueError(
+        raise ScanMismatch(
             f"the scan's patterns are {scan.n} x {scan.n} but the model was trained on "
             f"N = {n}; use a checkpoint trained at N = {scan.n}"
         )
     probe = model.get_layer("illumination").n
     if probe != scan.probe.shape[0]:
-        raise ValueError(
+        raise ScanMismatch(
             f"the scan's probe is {scan.probe.shape}, the model's is ({probe}, {probe})"
         )
     if scan.n_positions < gridsize * gridsize:
-        raise ValueError(
+        raise ScanMismatch(
             f"the scan has {scan.n_positions} positions, fewer than one group of "
             f"gridsize {gridsize} needs ({gridsize * gridsize})"
         )
@@ -163,7 +174,7 @@ def make_predict_fn(model: keras.Model, compile_mode: str):
 
     if compile_mode == "eager":
         return predict
-    return tf.function(predict, jit_compile=(compile_mode == "jit"))
+    return tf.function(predict, jit_compile=(compile_mode == "jit"), autograph=False)
 
 
 def _tracing_count(fn) -> int:

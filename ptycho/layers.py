@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from ptycho.physics import far_field_amplitude_tf
-from ptycho.warp import BACKENDS, INTERPOLATIONS, translate
+from ptycho.stitch import reassemble_patches
+from ptycho.warp import BACKENDS, INTERPOLATIONS, run_under_xla, translate
 
 __all__ = [
     "AmplitudeScale",
@@ -106,7 +107,8 @@ class Translation(keras.layers.Layer):
 
 
 def set_translate_backend(model: keras.Model, backend: str) -> int:
-    """Set the warp backend of every :class:`Translation` inside ``model``.
+    """Set the warp backend of every warping layer (:class:`Translation`,
+    :class:`ReassemblePatches`) inside ``model``.
 
     The backend is read when the model is traced, so call this before the first
     ``fit``/``predict`` (or recompile). Returns the number of layers changed.
@@ -115,7 +117,7 @@ def set_translate_backend(model: keras.Model, backend: str) -> int:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     count = 0
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, Translation):
+        if isinstance(layer, WARPING_LAYERS):
             layer.backend = backend
             count += 1
     return count
@@ -175,7 +177,8 @@ class ReassemblePatches(keras.layers.Layer):
 
     Each of the C patches of a group is placed on a canvas of N + 2 * ``pad`` pixels,
     translated by its offset from the group centre, summed and divided by the overlap
-    count; C patches are then cut back out by translating by minus the offsets and
+    count (each patch counts over its central ``support`` x N square, where it is
+    predicted); C patches are then cut back out by translating by minus the offsets and
     cropping the centre. The result is C patches of one consistent object, and the
     translations are where the warp backend sits in the training graph.
 
@@ -183,52 +186,37 @@ class ReassemblePatches(keras.layers.Layer):
     (B, C, 2) ``[dx, dy]`` pixels; returns (B, N, N, C) complex.
     """
 
-    def __init__(self, pad: int = 16, backend: str = "xla", **kwargs):
+    def __init__(self, pad: int = 16, support: float = 1.0, backend: str = "xla", **kwargs):
         super().__init__(**kwargs)
         if pad < 0:
             raise ValueError(f"canvas pad must be >= 0 pixels, got {pad}")
+        if not 0 < support <= 1:
+            raise ValueError(f"support must be a fraction of N in (0, 1], got {support}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.pad = int(pad)
-        self.translation = Translation(backend=backend, name="translation")
-
-    def build(self, patches_shape=None, offsets_shape=None):
-        self.translation.build()
-        self.built = True
+        self.support = float(support)
+        self.backend = backend
 
     def call(self, patches, offsets):
-        shape = tf.shape(patches)
-        batch, n, channels = shape[0], shape[1], shape[3]
-        pad = self.pad
-        size = n + 2 * pad
-        # Every patch is its own image: (B, N, N, C) -> (B * C, N, N) with a real and an
-        # imaginary channel plus a channel of ones that becomes its overlap weight, so
-        # placing patches and weights is one translation call.
-        flat = tf.reshape(tf.transpose(patches, (0, 3, 1, 2)), (-1, n, n))
-        real, imag = tf.math.real(flat), tf.math.imag(flat)
-        stacked = tf.stack([real, imag, tf.ones_like(real)], axis=-1)
-        canvas = tf.pad(stacked, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-        shifts = tf.reshape(tf.cast(offsets, tf.float32), (-1, 2))
-        placed = tf.reshape(self.translation(canvas, shifts), (batch, channels, size, size, 3))
-        total = tf.reduce_sum(placed, axis=1)  # (B, size, size, 3)
-        count = total[..., 2]
-        covered = count > 1e-3
-        safe = tf.where(covered, count, tf.ones_like(count))
-        zero = tf.zeros_like(count)
-        merged = tf.complex(
-            tf.where(covered, total[..., 0] / safe, zero),
-            tf.where(covered, total[..., 1] / safe, zero),
-        )
-        copies = tf.reshape(
-            tf.broadcast_to(merged[:, None, :, :, None], (batch, channels, size, size, 1)),
-            (-1, size, size, 1),
-        )
-        back = self.translation(copies, -shifts)[:, pad : pad + n, pad : pad + n, 0]
-        return tf.transpose(tf.reshape(back, (batch, channels, n, n)), (0, 2, 3, 1))
+        offsets = tf.cast(offsets, tf.float32)
+        if self.backend == "xla":  # one XLA cluster, also inside a graph-mode model
+            return run_under_xla(reassemble_patches, patches, offsets, (self.pad, self.support))
+        return reassemble_patches(patches, offsets, self.pad, self.support, backend="legacy")
 
     def compute_output_spec(self, patches, offsets):
         return keras.KerasTensor(patches.shape, dtype=patches.dtype)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "pad": self.pad, "backend": self.translation.backend}
+        return {
+            **super().get_config(),
+            "pad": self.pad,
+            "support": self.support,
+            "backend": self.backend,
+        }
+
+
+WARPING_LAYERS = (Translation, ReassemblePatches)
 
 
 @keras.saving.register_keras_serializable(package="ptycho")

@@ -27,13 +27,13 @@ import numpy as np
 import tensorflow as tf
 
 from ptycho.layers import (
+    WARPING_LAYERS,
     AmplitudeScale,
     CombineComplex,
     FarFieldAmplitude,
     Illumination,
     IntensityScale,
     ReassemblePatches,
-    Translation,
     set_translate_backend,
 )
 from ptycho.warp import BACKENDS
@@ -42,6 +42,7 @@ __all__ = [
     "COMPILE_MODES",
     "ModelConfig",
     "PtychoLoss",
+    "build_cnn_only",
     "build_model",
     "compile_model",
     "load_model",
@@ -64,7 +65,11 @@ class ModelConfig:
     probe_trainable : refine the probe with the network.
     probe_mask_radius : circular probe support, fraction of N (None: no mask).
     canvas_pad : pixels of canvas around a group's patches for the overlap constraint
-        (None: N / 4, enough for neighbour offsets of a quarter pattern).
+        (None: 0 for ``object_support="half"``, where offsets up to N/4 keep the
+        predicted region inside the window; N / 4 for "full").
+    object_support : "half" predicts the central N/2 x N/2 of each patch (zero outside,
+        PtychoPINN's padded object: right for a probe that fits in half the window);
+        "full" predicts all N x N pixels.
     """
 
     n: int = 64
@@ -74,6 +79,7 @@ class ModelConfig:
     probe_trainable: bool = False
     probe_mask_radius: float | None = None
     canvas_pad: int | None = None
+    object_support: str = "half"
 
     def __post_init__(self) -> None:
         if self.n not in SIZES:
@@ -82,6 +88,10 @@ class ModelConfig:
             raise ValueError(f"model.gridsize must be >= 1, got {self.gridsize}")
         if self.filters < 1:
             raise ValueError(f"model.filters must be >= 1, got {self.filters}")
+        if self.object_support not in ("half", "full"):
+            raise ValueError(
+                f"model.object_support must be 'half' or 'full', got {self.object_support!r}"
+            )
         if self.amplitude_activation not in AMPLITUDE_ACTIVATIONS:
             raise ValueError(
                 f"model.amplitude_activation must be one of {list(AMPLITUDE_ACTIVATIONS)}, "
@@ -152,12 +162,48 @@ def _conv(filters: int, name: str, activation="relu"):
 
 
 def _decoder(x, config: ModelConfig, head: str, activation):
-    for level in reversed(range(config.levels)):
+    """Decoder head: (B, 8, 8, F) -> (B, N, N, C).
+
+    With ``object_support="half"`` the head stops one level early and predicts the
+    central N/2 x N/2 of the patch, zero-padded to N: the illuminated region of a probe
+    that fits in half the window, whose far field is then oversampled twofold.
+    """
+    last = 1 if config.object_support == "half" else 0
+    for level in reversed(range(last, config.levels)):
         filters = config.filters * 2**level
         x = _conv(filters, f"{head}_conv{level}a")(x)
         x = _conv(filters, f"{head}_conv{level}b")(x)
         x = keras.layers.UpSampling2D(2, name=f"{head}_up{level}")(x)
-    return _conv(config.channels, f"{head}_out", activation=activation)(x)
+    x = _conv(config.channels, f"{head}_out", activation=activation)(x)
+    if last:
+        x = keras.layers.ZeroPadding2D(config.n // 4, name=f"{head}_pad")(x)
+    return x
+
+
+def _network(diffraction, config: ModelConfig, norm_factor: float):
+    """The CNN: normalised amplitudes -> (amplitude, phase logits), each (B, N, N, C)."""
+    x = AmplitudeScale(norm_factor, name="normalise")(diffraction)
+    for level in range(config.levels):
+        filters = config.filters * 2**level
+        x = _conv(filters, f"encoder_conv{level}a")(x)
+        x = _conv(filters, f"encoder_conv{level}b")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{level}")(x)
+    amplitude = _decoder(x, config, "amplitude", config.amplitude_activation)
+    phase_logits = _decoder(x, config, "phase", None)
+    return amplitude, phase_logits
+
+
+def build_cnn_only(config: ModelConfig, *, norm_factor: float = 1.0) -> keras.Model:
+    """The same network with the physics and warp removed: the lower bound of a step.
+
+    Benchmarks only: the two heads are added and trained against the same target and
+    loss as the full model, so the step does the network's work and nothing else.
+    """
+    n, c = config.n, config.channels
+    diffraction = keras.Input((n, n, c), name="diffraction")
+    amplitude, phase_logits = _network(diffraction, config, norm_factor)
+    out = keras.layers.Add(name="amplitude")([amplitude, phase_logits])
+    return keras.Model({"diffraction": diffraction}, {"amplitude": out}, name="cnn_only")
 
 
 def initial_log_scale(probe: np.ndarray, n: int) -> float:
@@ -210,22 +256,19 @@ def build_model(
 
     diffraction = keras.Input((n, n, c), name="diffraction")
     inputs = {"diffraction": diffraction}
-    x = AmplitudeScale(norm_factor, name="normalise")(diffraction)
-    for level in range(config.levels):
-        filters = config.filters * 2**level
-        x = _conv(filters, f"encoder_conv{level}a")(x)
-        x = _conv(filters, f"encoder_conv{level}b")(x)
-        x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{level}")(x)
-    amplitude = _decoder(x, config, "amplitude", config.amplitude_activation)
-    phase_logits = _decoder(x, config, "phase", None)
+    amplitude, phase_logits = _network(diffraction, config, norm_factor)
     patches = CombineComplex(name="object")(amplitude, phase_logits)
     if c > 1:
         offsets = keras.Input((c, 2), name="offsets")
         inputs["offsets"] = offsets
-        pad = n // 4 if config.canvas_pad is None else config.canvas_pad
-        patches = ReassemblePatches(pad=pad, backend=translate_backend, name="reassemble")(
-            patches, offsets
+        pad = config.canvas_pad
+        if pad is None:  # half support: offsets up to N/4 stay inside the window
+            pad = 0 if config.object_support == "half" else n // 4
+        support = 0.5 if config.object_support == "half" else 1.0
+        reassemble = ReassemblePatches(
+            pad=pad, support=support, backend=translate_backend, name="reassemble"
         )
+        patches = reassemble(patches, offsets)
     illumination = Illumination(
         n,
         trainable_probe=config.probe_trainable,
@@ -282,11 +325,11 @@ def compile_model(
 
 
 def translate_backends(model: keras.Model) -> set[str]:
-    """The warp backends of the Translation layers inside ``model``."""
+    """The warp backends of the warping layers inside ``model``."""
     return {
         layer.backend
         for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, Translation)
+        if isinstance(layer, WARPING_LAYERS)
     }
 
 

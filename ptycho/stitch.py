@@ -8,6 +8,7 @@ the object (DESIGN.md section 3). Sub-pixel shifts go through the project's own
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -15,7 +16,13 @@ import tensorflow as tf
 
 from ptycho.warp import translate
 
-__all__ = ["Stitcher", "extract_patches", "object_shape_for", "stitch_patches"]
+__all__ = [
+    "Stitcher",
+    "extract_patches",
+    "object_shape_for",
+    "reassemble_patches",
+    "stitch_patches",
+]
 
 
 def extract_patches(
@@ -95,6 +102,27 @@ def object_shape_for(xcoords: np.ndarray, ycoords: np.ndarray, n: int) -> tuple[
     )
 
 
+@functools.cache
+def placement_function(backend: str):
+    """The compiled ``(patches, fractions, weight) -> windows`` of a backend.
+
+    Shared by every :class:`Stitcher`, so reconstructing many scans with the same batch
+    size traces it once. patches (B, N, N) complex64, fractions (B, 2) [fx, fy] in
+    [0, 1), weight (N + 1, N + 1) float32 -> (B, N + 1, N + 1, 3): real and imaginary
+    parts times the weight, and the weight, shifted into place.
+    """
+
+    def place(patches, fractions, weight):
+        padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
+        weight = tf.broadcast_to(weight, tf.shape(padded))
+        stacked = tf.stack(
+            [tf.math.real(padded) * weight, tf.math.imag(padded) * weight, weight], axis=-1
+        )
+        return translate(stacked, fractions, backend=backend)
+
+    return tf.function(place, jit_compile=(backend == "xla"))
+
+
 class Stitcher:
     """Accumulates object patches into one object, batch by batch.
 
@@ -141,17 +169,8 @@ class Stitcher:
         self._weight = tf.constant(np.pad(weight, ((0, 1), (0, 1))).astype(np.float32))
         self._numerator = np.zeros((*self.shape, 2))
         self._denominator = np.zeros(self.shape)
-        self._place = tf.function(self._place_batch, jit_compile=(backend == "xla"))
+        self._place = placement_function(backend)
         self.backend = backend
-
-    def _place_batch(self, patches, fractions):
-        # patches (B, N, N) complex64; fractions (B, 2) [fx, fy] in [0, 1).
-        padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
-        weight = tf.broadcast_to(self._weight, tf.shape(padded))
-        stacked = tf.stack(
-            [tf.math.real(padded) * weight, tf.math.imag(padded) * weight, weight], axis=-1
-        )
-        return translate(stacked, fractions, backend=self.backend)
 
     def add(self, patches: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray) -> None:
         """Add (M, N, N) complex patches centred at (x, y)."""
@@ -173,7 +192,8 @@ class Stitcher:
             batch = np.zeros((self.batch_size, n, n), np.complex64)
             shifts = np.zeros((self.batch_size, 2), np.float32)
             batch[:count], shifts[:count] = patches[start:stop], fractions[start:stop]
-            windows = self._place(tf.constant(batch), tf.constant(shifts)).numpy()[:count]
+            windows = self._place(tf.constant(batch), tf.constant(shifts), self._weight)
+            windows = windows.numpy()[:count]
             for window, r, c in zip(windows, row0[start:stop], col0[start:stop], strict=True):
                 r0, c0 = max(r, 0), max(c, 0)
                 r1, c1 = min(r + n + 1, height), min(c + n + 1, width)
@@ -192,7 +212,7 @@ class Stitcher:
 
     @property
     def traces(self) -> int:
-        """Times the placement function was traced (1 for any number of patches)."""
+        """Times the (shared) placement function has been traced: 1 per batch shape."""
         return self._place.experimental_get_tracing_count()
 
 
@@ -216,3 +236,61 @@ def stitch_patches(
     stitcher = Stitcher(shape, n, probe=probe, backend=backend, batch_size=batch_size)
     stitcher.add(patches, xcoords, ycoords)
     return stitcher.result()
+
+
+def _support_mask(n, support: float) -> tf.Tensor:
+    """(N, N) float32: 1 on the central ``support * N`` square."""
+    index = tf.range(n, dtype=tf.float32) - tf.cast(n, tf.float32) / 2 + 0.5
+    line = tf.cast(tf.abs(index) < support * tf.cast(n, tf.float32) / 2, tf.float32)
+    return line[:, None] * line[None, :]
+
+
+def reassemble_patches(patches, offsets, pad: int, support: float, backend: str = "xla"):
+    """Make a group's C patches consistent: merge them into one object and cut them out.
+
+    Each patch is placed on a canvas of N + 2 * ``pad`` pixels, translated by its
+    offset from the group centre, summed and divided by the overlap count (a patch
+    counts over its central ``support * N`` square, where it is predicted); C patches
+    are cut back out by translating the merged canvas by minus the offsets and cropping
+    the centre. Content moved beyond the canvas is lost: ``pad`` must cover the offsets
+    (with ``support = 0.5``, offsets up to N/4 need no pad at all).
+
+    Parameters
+    ----------
+    patches : (B, N, N, C) complex64
+    offsets : (B, C, 2) float32, ``[dx, dy]`` pixels from the group centre
+    pad : int
+    support : float in (0, 1]
+    backend : {"xla", "legacy"}
+
+    Returns
+    -------
+    (B, N, N, C) complex64
+    """
+    shape = tf.shape(patches)
+    batch, n, channels = shape[0], shape[1], shape[3]
+    size = n + 2 * pad
+    # Every patch is its own image: (B, N, N, C) -> (B * C, N, N) with a real and an
+    # imaginary channel plus its weight, so placing patches and weights is one warp.
+    flat = tf.reshape(tf.transpose(patches, (0, 3, 1, 2)), (-1, n, n))
+    real, imag = tf.math.real(flat), tf.math.imag(flat)
+    weight = tf.broadcast_to(_support_mask(n, support), tf.shape(real))
+    stacked = tf.stack([real * weight, imag * weight, weight], axis=-1)
+    canvas = tf.pad(stacked, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    shifts = tf.reshape(offsets, (-1, 2))
+    placed = translate(canvas, shifts, backend=backend)
+    total = tf.reduce_sum(tf.reshape(placed, (batch, channels, size, size, 3)), axis=1)
+    count = total[..., 2]
+    covered = count > 1e-3
+    safe = tf.where(covered, count, tf.ones_like(count))
+    zero = tf.zeros_like(count)
+    merged = tf.complex(
+        tf.where(covered, total[..., 0] / safe, zero),
+        tf.where(covered, total[..., 1] / safe, zero),
+    )
+    copies = tf.reshape(
+        tf.broadcast_to(merged[:, None, :, :, None], (batch, channels, size, size, 1)),
+        (-1, size, size, 1),
+    )
+    back = translate(copies, -shifts, backend=backend)[:, pad : pad + n, pad : pad + n, 0]
+    return tf.transpose(tf.reshape(back, (batch, channels, n, n)), (0, 2, 3, 1))

@@ -40,6 +40,7 @@ instead of a scatter-add.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,7 @@ __all__ = [
     "LegacyBackendUnderXLAError",
     "inside_xla_compilation",
     "projective_warp",
+    "run_under_xla",
     "translate",
     "translation_transforms",
 ]
@@ -481,14 +483,30 @@ def projective_warp(
     _check_batch("transforms", transforms.shape[0], images.shape[0])
     out_h, out_w = _output_hw(images, output_shape)
 
-    def warp(real):
-        if backend == "legacy":
-            batch = tf.shape(real)[0]
-            flat = tf.broadcast_to(transforms, (batch, 8))
-            return _legacy_warp(real, flat, out_h, out_w, interpolation, fill_mode, fill_value)
-        return _warp_generic(real, transforms, out_h, out_w, interpolation, fill_mode, fill_value)
+    if backend == "legacy":
 
-    return _apply_real(warp, images)
+        def warp(real):
+            flat = tf.broadcast_to(transforms, (tf.shape(real)[0], 8))
+            return _legacy_warp(real, flat, out_h, out_w, interpolation, fill_mode, fill_value)
+
+        return _apply_real(warp, images)
+    static = (
+        interpolation,
+        fill_mode,
+        fill_value,
+        None if output_shape is None else (int(output_shape[0]), int(output_shape[1])),
+    )
+    return run_under_xla(_projective_xla, images, transforms, static)
+
+
+def _projective_xla(images, transforms, interpolation, fill_mode, fill_value, output_shape):
+    out_h, out_w = _output_hw(images, output_shape)
+    return _apply_real(
+        lambda real: _warp_generic(
+            real, transforms, out_h, out_w, interpolation, fill_mode, fill_value
+        ),
+        images,
+    )
 
 
 def translation_transforms(offsets) -> tf.Tensor:
@@ -538,18 +556,48 @@ def translate(
     if offsets.shape.rank != 2 or offsets.shape[-1] != 2:
         raise ValueError(f"offsets must have shape (batch, 2) as [dx, dy], got {offsets.shape}")
     _check_batch("offsets", offsets.shape[0], images.shape[0])
-    batch = tf.shape(images)[0]
-    offsets = tf.broadcast_to(offsets, (batch, 2))
+    offsets = tf.broadcast_to(offsets, (tf.shape(images)[0], 2))
+    if backend == "legacy":
 
-    def shift(real):
-        height, width = tf.shape(real)[1], tf.shape(real)[2]
-        if backend == "legacy":
+        def shift(real):
+            height, width = tf.shape(real)[1], tf.shape(real)[2]
             transforms = translation_transforms(offsets)
             return _legacy_warp(real, transforms, height, width, interpolation, "constant", 0.0)
+
+        return _apply_real(shift, images)
+    return run_under_xla(_translate_xla, images, offsets, (interpolation,))
+
+
+def _translate_xla(images, offsets, interpolation):
+    def shift(real):
         if interpolation == "bilinear":
             return _translate_bilinear_zero(real, offsets)
-        y_in, x_in = _shift_coords(offsets, height, width)
+        y_in, x_in = _shift_coords(offsets, tf.shape(real)[1], tf.shape(real)[2])
         rows = _resample_axis(real, y_in, 1, "nearest", "constant", 0.0)
         return _resample_axis(rows, x_in, 2, "nearest", "constant", 0.0)
 
     return _apply_real(shift, images)
+
+
+def run_under_xla(function, images, params, static: tuple = ()):
+    """``function(images, params, *static)``, always compiled by XLA.
+
+    Inside a function XLA already compiles, it is traced inline (and fused with its
+    neighbours). Anywhere else (eager code, a plain ``tf.function``, a Keras model with
+    ``jit_compile=False``) it runs as its own XLA cluster: the gathers fuse into one
+    loop instead of running as separate kernels, which is what makes the xla backend
+    fast, while the surrounding graph (a CNN on oneDNN, say) is left as it is.
+    ``static`` holds the hashable non-tensor arguments; one compiled function is kept
+    per ``(function, static)``.
+    """
+    if inside_xla_compilation():
+        return function(images, params, *static)
+    return _compiled(function, static)(images, params)
+
+
+@functools.cache
+def _compiled(function, static: tuple):
+    def run(images, params):
+        return function(images, params, *static)
+
+    return tf.function(run, jit_compile=True, reduce_retracing=True, autograph=False)

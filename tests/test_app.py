@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from ptycho import app
-from ptycho.config import ConfigError, register_configs, rollback_overrides
+from ptycho.config import rollback_overrides
 from ptycho.data import load_scan, save_scan, simulate
+from ptycho.errors import ConfigError, DataError
+from tests.conftest import compose_config as make_config
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 METRIC_FIELDS = (
     "amp_psnr",
     "amp_ssim",
@@ -35,12 +33,6 @@ METRIC_FIELDS = (
     "phase_frc50",
     "r_factor",
 )
-
-
-def make_config(name: str = "train", overrides=()):
-    register_configs()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +164,7 @@ def test_infer_refuses_data_whose_n_does_not_match_the_checkpoint(trained_run, t
         "infer",
         [f"checkpoint={run_dir / 'model.keras'}", "data=npz", f"data.path={tmp_path / 'big.npz'}"],
     )
-    with pytest.raises(ConfigError, match="N = 64"):
+    with pytest.raises(DataError, match="N = 64"):
         app.infer(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "reconstruction.npz").exists()
 
@@ -261,18 +253,6 @@ def test_rollback_switches_apply_only_when_the_command_line_is_silent():
 # --------------------------------------------------------------------------------------
 
 
-def run_script(*args, env=None, timeout=600):
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=timeout,
-    )
-
-
 def test_refused_configuration_exits_2_with_one_line():
     result = run_script("train.py", "translate=legacy", "compile=jit")
     assert result.returncode == 2
@@ -331,7 +311,7 @@ def test_hydra_is_only_used_by_the_entry_points_and_the_glue():
     users = {
         name for name, text in sources.items() if "import hydra" in text or "from hydra" in text
     }
-    assert users <= {"config.py"}  # ConfigStore registration only
+    assert users <= {"config.py", "cli.py"}  # ConfigStore registration, entry-point checks
     readers = {name for name, text in sources.items() if "os.environ" in text}
     assert readers <= {"cli.py"}  # HYDRA_FULL_ERROR for tracebacks
     assert hydra.__version__.startswith("1.")

@@ -1,0 +1,35 @@
+"""Shared test helpers: composing the real Hydra configuration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from ptycho.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_config(name: str = "train", overrides=()):
+    """The real configuration ``conf/<name>.yaml`` with ``overrides``, as Hydra composes it."""
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def run_script(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` from the repository root, as a user would."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+    )

@@ -1,0 +1,475 @@
+"""Bad input, interrupted and failing runs, untrusted files, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ptycho import app
+from ptycho.cli import run_job
+from ptycho.data import Scan, ScanFileError, load_scan, save_scan, simulate
+from ptycho.errors import ConfigError, DataError
+from tests.conftest import compose_config as make_config
+from tests.conftest import run_script
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ("model.keras", "metrics.json", "reconstruction.npz", "reconstruction.png")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
+
+
+@pytest.fixture(scope="module")
+def good_scan(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scans")
+    return save_scan(simulate(n=64, n_positions=36, step=0.125, seed=0), folder / "good.npz")
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def scan_arrays(path: Path) -> dict:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+# --------------------------------------------------------------------------------------
+# Bad data files: a clear error naming the file, nothing written
+# --------------------------------------------------------------------------------------
+
+
+def bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    arrays = scan_arrays(good)
+    raw = good.read_bytes()
+    cases = {}
+    (folder / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    cases["truncated npz"] = (folder / "truncated.npz", "cannot read")
+    cases["pickle npz"] = (
+        write_npz(folder / "pickle.npz", **{**arrays, "diff3d": np.array([{"x": 1}], object)}),
+        "pickle",
+    )
+    cases["missing key"] = (
+        write_npz(folder / "nokey.npz", **{k: v for k, v in arrays.items() if k != "xcoords"}),
+        "missing key 'xcoords'",
+    )
+    cases["length mismatch"] = (
+        write_npz(folder / "lengths.npz", **{**arrays, "ycoords": arrays["ycoords"][:-3]}),
+        r"ycoords: expected shape \(36,\)",
+    )
+    nan = arrays["diff3d"].copy()
+    nan[5, 3, 3] = np.nan
+    cases["nan"] = (write_npz(folder / "nan.npz", **{**arrays, "diff3d": nan}), "non-finite")
+    cases["negative"] = (
+        write_npz(folder / "neg.npz", **{**arrays, "diff3d": -arrays["diff3d"]}),
+        "negative",
+    )
+    cases["complex"] = (
+        write_npz(folder / "cplx.npz", **{**arrays, "diff3d": arrays["diff3d"] + 1j}),
+        "expected real",
+    )
+    cases["empty"] = (
+        write_npz(
+            folder / "empty.npz",
+            **{
+                **arrays,
+                "diff3d": arrays["diff3d"][:0],
+                "xcoords": arrays["xcoords"][:0],
+                "ycoords": arrays["ycoords"][:0],
+            },
+        ),
+        "empty",
+    )
+    cases["outside"] = (
+        write_npz(folder / "outside.npz", **{**arrays, "xcoords": arrays["xcoords"] + 1e4}),
+        "outside the object",
+    )
+    h5 = save_scan(load_scan(good), folder / "scan.h5")
+    (folder / "truncated.h5").write_bytes(h5.read_bytes()[:3000])
+    cases["truncated h5"] = (folder / "truncated.h5", "cannot read")
+    (folder / "truncated.cxi").write_bytes(h5.read_bytes()[:3000])
+    cases["truncated cxi"] = (folder / "truncated.cxi", "cannot read")
+    return cases
+
+
+def test_every_bad_data_file_fails_training_with_its_name_and_writes_nothing(good_scan, tmp_path):
+    cases = bad_files(tmp_path, good_scan)
+    for name, (path, match) in cases.items():
+        run_dir = tmp_path / f"run_{path.stem}"
+        cfg = make_config(overrides=["debug=smoke", "data=npz", f"data.path={path}"])
+        with pytest.raises(ScanFileError, match=match) as caught:
+            app.train(cfg, run_dir)
+        assert str(path) in str(caught.value), name
+        assert not run_dir.exists() or not any(run_dir.iterdir()), name
+
+
+def test_inference_refuses_mismatched_checkpoints_and_data(good_scan, tmp_path):
+    cfg = make_config(
+        overrides=["debug=smoke", "data=npz", f"data.path={good_scan}", "compile=graph"]
+    )
+    app.train(cfg, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "model.keras"
+
+    def infer(data_path, checkpoint_path=checkpoint):
+        return app.infer(
+            make_config("infer", [f"checkpoint={checkpoint_path}", f"data.path={data_path}"]),
+            tmp_path / "inf",
+        )
+
+    save_scan(simulate(n=128, n_positions=9, seed=1), tmp_path / "n128.npz")
+    with pytest.raises(DataError, match="N = 64"):
+        infer(tmp_path / "n128.npz")
+    with pytest.raises(ConfigError, match="no such file"):
+        infer(good_scan, tmp_path / "absent.keras")
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(DataError, match="cannot load the model"):
+        infer(good_scan, corrupt)
+    assert not (tmp_path / "inf").exists() or not any((tmp_path / "inf").iterdir())
+
+
+def rewrite_keras(source: Path, target: Path, edit) -> Path:
+    """Copy a .keras archive, editing its config.json with ``edit(dict) -> dict``."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "config.json":
+                data = json.dumps(edit(json.loads(data))).encode()
+            zout.writestr(item, data)
+    return target
+
+
+def test_keras_files_with_lambda_or_unknown_classes_are_refused(good_scan, tmp_path):
+    import keras
+
+    from ptycho.model import load_model
+
+    inputs = keras.Input((4,))
+    lam = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    lam.save(tmp_path / "lambda.keras")
+    with pytest.raises(ValueError, match="(?i)lambda|unsafe|safe_mode"):
+        load_model(tmp_path / "lambda.keras")
+
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.save(tmp_path / "dense.keras")
+
+    def rename(config):
+        text = json.dumps(config).replace('"Dense"', '"EvilLayer"')
+        return json.loads(text.replace('"keras.layers"', '"evil.module"'))
+
+    rewrite_keras(tmp_path / "dense.keras", tmp_path / "unknown.keras", rename)
+    with pytest.raises(Exception, match="(?i)evil|could not|unknown|locate"):
+        load_model(tmp_path / "unknown.keras")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("corrupt npz", 1),
+        ("pickle npz", 1),
+        ("typo", 2),
+        ("wrong type", 2),
+        ("legacy jit", 2),
+        ("unwritable output", 2),
+        ("missing checkpoint", 2),
+        ("lambda checkpoint", 1),
+    ],
+)
+def test_entry_points_exit_with_one_line_and_the_right_code(case, code, good_scan, tmp_path):
+    import keras
+
+    arrays = scan_arrays(good_scan)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(good_scan.read_bytes()[:999])
+    inputs = keras.Input((4,))
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x)(inputs)).save(tmp_path / "lam.keras")
+    run_dir = tmp_path / "run"
+    train = ["train.py", "debug=smoke", f"hydra.run.dir={run_dir}"]
+    args = {
+        "corrupt npz": [*train, "data=npz", f"data.path={corrupt}"],
+        "pickle npz": [
+            *train,
+            "data=npz",
+            "data.path="
+            + str(
+                write_npz(tmp_path / "p.npz", **{**arrays, "probeGuess": np.array([None], object)})
+            ),
+        ],
+        "typo": [*train, "train.epoch=3"],
+        "wrong type": [*train, "train.epochs=many"],
+        "legacy jit": [*train, "translate=legacy", "compile=jit"],
+        "unwritable output": ["train.py", "debug=smoke", f"hydra.run.dir={blocker}/run"],
+        "missing checkpoint": [
+            "infer.py",
+            f"checkpoint={tmp_path}/none.keras",
+            f"data.path={good_scan}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        "lambda checkpoint": [
+            "infer.py",
+            f"checkpoint={tmp_path / 'lam.keras'}",
+            f"data.path={good_scan}",
+            f"hydra.run.dir={run_dir}",
+        ],
+    }[case]
+    result = run_script(*args)
+    assert result.returncode == code, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for name in OUTPUTS:
+        assert not (run_dir / name).exists()
+
+
+# --------------------------------------------------------------------------------------
+# Interrupted and failing runs
+# --------------------------------------------------------------------------------------
+
+
+def wait_for_epoch(run_dir: Path, epoch: int, process, timeout=300) -> None:
+    state = run_dir / "checkpoints" / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.stderr.read()[-2000:]}")
+        if state.exists():
+            try:
+                if json.loads(state.read_text())["epoch"] >= epoch:
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+RESUME_RUN = [
+    "debug=smoke",
+    "compile=graph",
+    "train.epochs=5",
+    "data.n_positions=64",
+    "train.eval_every=0",
+]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    reference = run_script("train.py", *RESUME_RUN, f"hydra.run.dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run_dir = tmp_path / "killed"
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_epoch(run_dir, 2, process)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    assert not (run_dir / "model.keras").exists()
+    resumed = run_script("train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from epoch" in (run_dir / "train.log").read_text()
+
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    got = json.loads((run_dir / "metrics.json").read_text())
+    # Same seed, same batches (the shuffle depends only on seed and epoch), same Adam
+    # state (saved in the checkpoint): graph mode reproduces the run to float32 noise.
+    for key in ("final_loss", "r_factor", "amp_ssim", "phase_ssim"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_sigint_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            "debug=smoke",
+            "compile=graph",
+            "train.epochs=200",
+            "data.n_positions=64",
+            "train.eval_every=0",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_epoch(run_dir, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "resume=true" in lines[0] and str(run_dir) in lines[0]
+    assert (run_dir / "checkpoints" / "last.keras").is_file()
+    assert not (run_dir / "model.keras").exists()
+    assert "Traceback" not in stderr
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_outputs(tmp_path):
+    good = make_config(overrides=["debug=smoke", "compile=graph"])
+    app.train(good, tmp_path)
+    model_before = (tmp_path / "model.keras").read_bytes()
+    checkpoint_before = (tmp_path / "checkpoints" / "last.keras").read_bytes()
+    diverging = make_config(
+        overrides=[
+            "debug=smoke",
+            "compile=graph",
+            "train.epochs=2",
+            "resume=true",
+            "train.learning_rate=1e30",
+        ]
+    )
+    from ptycho.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"NaN at epoch 2, step \d+"):
+        app.train(diverging, tmp_path)
+    assert (tmp_path / "model.keras").read_bytes() == model_before
+    assert (tmp_path / "checkpoints" / "last.keras").read_bytes() == checkpoint_before
+
+
+def test_run_job_maps_errors_to_exit_codes(capsys):
+    def raise_(error):
+        def fn():
+            raise error
+
+        return fn
+
+    for error, code in (
+        (ConfigError("bad field"), 2),
+        (ScanFileError("x.npz: broken"), 1),
+        (RuntimeError("boom\nsecond line"), 1),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(raise_(error))
+        assert exit_info.value.code == code
+        assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+# --------------------------------------------------------------------------------------
+# Reproducibility
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_same_seed_reproduces_metrics(tmp_path):
+    results = {}
+    for mode in ("graph", "jit"):
+        for attempt in (1, 2):
+            cfg = make_config(overrides=["debug=smoke", f"compile={mode}", "train.epochs=2"])
+            results[mode, attempt] = app.train(cfg, tmp_path / f"{mode}{attempt}")
+    keys = ("final_loss", "r_factor", "amp_ssim", "phase_psnr")
+    for key in keys:  # graph mode: identical
+        assert results["graph", 1][key] == results["graph", 2][key], key
+    for key in keys:  # XLA: reproducible to float32 round-off (see README)
+        assert results["jit", 1][key] == pytest.approx(results["jit", 2][key], rel=1e-5), key
+
+
+# --------------------------------------------------------------------------------------
+# Property-based: the loaders never fail with anything but ScanFileError
+# --------------------------------------------------------------------------------------
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=4096), suffix=st.sampled_from([".npz", ".h5", ".hdf5", ".cxi"]))
+def test_arbitrary_bytes_only_raise_scan_file_error(tmp_path, data, suffix):
+    path = tmp_path / f"junk{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(ScanFileError):
+        load_scan(path)
+
+
+array_strategy = hnp.arrays(
+    dtype=st.one_of(
+        hnp.floating_dtypes(),
+        hnp.integer_dtypes(),
+        hnp.complex_number_dtypes(),
+        hnp.boolean_dtypes(),
+        hnp.unicode_string_dtypes(max_len=3),
+    ),
+    shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=20),
+)
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    arrays=st.dictionaries(
+        st.sampled_from(
+            [
+                "diff3d",
+                "diffraction",
+                "probeGuess",
+                "xcoords",
+                "ycoords",
+                "objectGuess",
+                "scan_index",
+                "nphotons",
+                "other",
+            ]
+        ),
+        array_strategy,
+        max_size=7,
+    )
+)
+def test_arbitrary_npz_arrays_give_a_scan_or_scan_file_error(tmp_path, arrays):
+    path = write_npz(tmp_path / "arrays.npz", **arrays)
+    try:
+        scan = load_scan(path)
+    except ScanFileError:
+        return
+    assert isinstance(scan, Scan)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    arrays=st.dictionaries(
+        st.sampled_from(["diff3d", "probeGuess", "xcoords", "ycoords", "objectGuess"]),
+        array_strategy,
+        max_size=5,
+    )
+)
+def test_arbitrary_h5_datasets_give_a_scan_or_scan_file_error(tmp_path, arrays):
+    path = tmp_path / "arrays.h5"
+    with h5py.File(path, "w") as handle:
+        for key, value in arrays.items():
+            if value.dtype.kind == "U":
+                value = np.char.encode(value, "utf-8")
+            handle[key] = value
+    try:
+        scan = load_scan(path)
+    except ScanFileError:
+        return
+    assert isinstance(scan, Scan)

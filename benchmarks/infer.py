@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = (("xla", "jit"), ("legacy", "graph"))
+CONFIGS = (("xla", "jit"), ("xla", "graph"), ("legacy", "graph"))
 
 CHILD = r"""
 import json, os, sys, time

@@ -201,7 +201,13 @@ class ReassemblePatches(keras.layers.Layer):
     def call(self, patches, offsets):
         offsets = tf.cast(offsets, tf.float32)
         if self.backend == "xla":  # one XLA cluster, also inside a graph-mode model
-            return run_under_xla(reassemble_patches, patches, offsets, (self.pad, self.support))
+            return run_under_xla(
+                reassemble_patches,
+                patches,
+                offsets,
+                (self.pad, self.support),
+                params_gradient=False,  # scan positions are inputs, not trained
+            )
         return reassemble_patches(patches, offsets, self.pad, self.support, backend="legacy")
 
     def compute_output_spec(self, patches, offsets):

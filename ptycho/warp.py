@@ -579,7 +579,7 @@ def _translate_xla(images, offsets, interpolation):
     return _apply_real(shift, images)
 
 
-def run_under_xla(function, images, params, static: tuple = ()):
+def run_under_xla(function, images, params, static: tuple = (), *, params_gradient: bool = True):
     """``function(images, params, *static)``, always compiled by XLA.
 
     Inside a function XLA already compiles, it is traced inline (and fused with its
@@ -588,16 +588,43 @@ def run_under_xla(function, images, params, static: tuple = ()):
     loop instead of running as separate kernels, which is what makes the xla backend
     fast, while the surrounding graph (a CNN on oneDNN, say) is left as it is.
     ``static`` holds the hashable non-tensor arguments; one compiled function is kept
-    per ``(function, static)``.
+    per ``(function, static, params_gradient)``. With ``params_gradient=False`` the
+    compiled backward pass returns no gradient for ``params`` (and skips its cost).
     """
     if inside_xla_compilation():
         return function(images, params, *static)
-    return _compiled(function, static)(images, params)
+    return _compiled(function, static, params_gradient)(images, params)
 
 
 @functools.cache
-def _compiled(function, static: tuple):
-    def run(images, params):
+def _compiled(function, static: tuple, params_gradient: bool):
+    """Forward and backward of ``function`` as XLA clusters, joined by a custom gradient.
+
+    TensorFlow does not compile the gradient of a ``jit_compile=True`` function that is
+    called from a graph that XLA does not compile; left alone, the backward pass would
+    run unfused. Here the backward pass is its own compiled function (recomputing the
+    cheap forward inside it), so training in a graph-mode model is fused both ways.
+    """
+
+    @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+    def forward(images, params):
         return function(images, params, *static)
 
-    return tf.function(run, jit_compile=True, reduce_retracing=True, autograph=False)
+    @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
+    def backward(images, params, upstream):
+        sources = [images, params] if params_gradient else [images]
+        with tf.GradientTape() as tape:
+            tape.watch(sources)
+            out = function(images, params, *static)
+        grads = tape.gradient(out, sources, output_gradients=upstream)
+        return [tf.zeros_like(x) if g is None else g for x, g in zip(sources, grads, strict=True)]
+
+    @tf.custom_gradient
+    def run(images, params):
+        def grad(upstream):
+            grads = backward(images, params, upstream)
+            return (grads[0], grads[1] if params_gradient else None)
+
+        return forward(images, params), grad
+
+    return run

@@ -59,6 +59,8 @@ def simulate_scan(data: DictConfig, n: int, *, test: bool) -> Scan:
         phase_range=tuple(data.phase_range),
         images=tuple(data.test_images if test else data.images),
         correlation_length=data.correlation_length,
+        line_blur=tuple(data.line_blur),
+        line_blur_weights=None if data.line_blur_weights is None else tuple(data.line_blur_weights),
         probe=_value(data.probe),
         probe_radius=data.probe_radius,
         fresnel_number=data.fresnel_number,

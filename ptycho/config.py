@@ -102,6 +102,8 @@ class DataConfig:
     images: List[str] = field(default_factory=lambda: ["camera", "moon"])
     test_images: List[str] = field(default_factory=lambda: ["coins", "text"])
     correlation_length: float = 4.0
+    line_blur: List[float] = field(default_factory=lambda: [1.0])  # pixels, lines only
+    line_blur_weights: Optional[List[float]] = None  # one per blur; null = equal
     seed: int = 0
     test_seed: int = 1
     k_neighbours: Optional[int] = None
@@ -254,6 +256,16 @@ def check_train(cfg) -> None:
             raise ConfigError(
                 f"train.batch_size={train.batch_size} is larger than the {groups} training "
                 "samples: lower train.batch_size or raise data.n_positions"
+            )
+        blurs, weights = list(data.line_blur), data.line_blur_weights
+        if not blurs or min(blurs) < 0:
+            raise ConfigError(f"data.line_blur={blurs}: must be one or more blurs >= 0 (pixels)")
+        if weights is not None and (
+            len(weights) != len(blurs) or min(weights) < 0 or max(weights) <= 0
+        ):
+            raise ConfigError(
+                f"data.line_blur_weights={list(weights)}: must be one weight >= 0 per "
+                f"data.line_blur entry ({len(blurs)}), not all 0, or null for equal weights"
             )
 
 

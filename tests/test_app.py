@@ -192,6 +192,21 @@ def test_resume_continues_from_the_last_completed_epoch(tmp_path):
     assert summary["epochs"] == 2
 
 
+def test_ptychopinn_lines_preset_simulates_a_smooth_amplitude_only_object():
+    cfg = make_config(overrides=["data=lines_ptychopinn", "debug=smoke"])
+    assert list(cfg.data.line_blur) == [1.0, 5.0, 10.0]
+    scan = app.simulate_scan(cfg.data, cfg.model.n, test=True)
+    default = app.simulate_scan(make_config(overrides=["debug=smoke"]).data, cfg.model.n, test=True)
+    assert np.allclose(np.angle(scan.object), 0.0) and np.abs(scan.object).std() > 0.05
+    assert np.std(np.angle(default.object)) > 0.1  # the default keeps its phase texture
+
+    def lag5(obj):
+        amp = np.abs(obj)
+        return np.corrcoef(amp[:, :-5].ravel(), amp[:, 5:].ravel())[0, 1]
+
+    assert lag5(scan.object) > 0.6 > 0.3 > lag5(default.object)
+
+
 # --------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------
@@ -206,6 +221,8 @@ def test_resume_continues_from_the_last_completed_epoch(tmp_path):
         (["data=npz", "data.path=/no/such/scan.npz"], "data.path=/no/such/scan.npz: no such file"),
         (["data=npz"], "data.path is required"),
         (["train.batch_size=1000"], "larger than the 36 training samples"),
+        (["data.line_blur=[1,5]", "data.line_blur_weights=[1]"], "one weight >= 0 per"),
+        (["data.line_blur=[]"], "data.line_blur=\\[\\]: must be one or more blurs"),
     ],
 )
 def test_impossible_configurations_are_refused_before_any_work(tmp_path, overrides, match):

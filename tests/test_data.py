@@ -99,6 +99,34 @@ def test_objects_have_independent_amplitude_and_phase_in_range(kind):
     assert not np.allclose(other, obj)
 
 
+def test_multiscale_line_blur_is_a_weighted_sum_of_blurs():
+    import importlib
+
+    lines_texture = importlib.import_module("ptycho.data.simulate").lines_texture
+
+    def texture(**kwargs):
+        return lines_texture((120, 100), np.random.default_rng(5), **kwargs)
+
+    single = texture(blur=2.0)
+    np.testing.assert_array_equal(single, texture(blur=(2.0,)))
+    # Weights of one repeated blur only scale the sum, which normalisation removes.
+    np.testing.assert_allclose(
+        texture(blur=(2.0, 2.0), blur_weights=(0.3, 0.7)), single, atol=1e-12
+    )
+    # PtychoPINN's blurs (1, 5, 10) x (1, 2, 5): mostly smooth structure.
+    smooth = texture(blur=(1.0, 5.0, 10.0), blur_weights=(1.0, 2.0, 5.0))
+    sharp = texture(blur=1.0)
+    assert smooth.min() >= 0 and smooth.max() <= 1
+    lag5 = [np.corrcoef(t[:, :-5].ravel(), t[:, 5:].ravel())[0, 1] for t in (sharp, smooth)]
+    assert lag5[0] < 0.3 and lag5[1] > 0.6  # correlated over 5 pixels only when smooth
+    with pytest.raises(ValueError, match="equal length"):
+        texture(blur=(1.0, 5.0), blur_weights=(1.0,))
+    with pytest.raises(ValueError, match=">= 0"):
+        texture(blur=(-1.0,))
+    obj = make_object((64, 64), line_blur=(1.0, 5.0, 10.0), line_blur_weights=(1, 2, 5))
+    assert obj.shape == (64, 64) and np.all(np.isfinite(obj))
+
+
 def test_probe_kinds():
     disk, fresnel, gauss = (
         make_probe(64, kind=k, radius=0.25) for k in ("disk", "fresnel", "gaussian")

@@ -53,13 +53,30 @@ def _normalise(texture: np.ndarray) -> np.ndarray:
 
 
 def lines_texture(
-    size: tuple[int, int], rng: np.random.Generator, *, density: float = 2.5e-3, blur: float = 1.0
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    *,
+    density: float = 2.5e-3,
+    blur: float | tuple[float, ...] = 1.0,
+    blur_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Random blurred line segments (PtychoPINN's simulated ``lines`` object), in [0, 1].
 
     ``density`` is the number of segments per pixel of area; segments have random
-    orientation, length (up to a quarter of the size) and strength.
+    orientation, length (up to a quarter of the size) and strength. The drawing is
+    Gaussian-blurred with standard deviation ``blur`` pixels; a sequence of blurs with
+    ``blur_weights`` (default equal) sums the weighted blurred drawings (PtychoPINN's own
+    simulator uses blurs (1, 5, 10) with weights (1, 2, 5): mostly smooth structure).
     """
+    blurs = (float(blur),) if np.isscalar(blur) else tuple(float(b) for b in blur)
+    weights = (1.0,) * len(blurs) if blur_weights is None else tuple(map(float, blur_weights))
+    if not blurs or len(weights) != len(blurs):
+        raise ValueError(
+            f"line blurs and weights must be non-empty and of equal length, got {blurs} "
+            f"and {weights}"
+        )
+    if min(blurs) < 0 or min(weights) < 0 or max(weights) <= 0:
+        raise ValueError(f"line blurs and weights must be >= 0, got {blurs} and {weights}")
     from skimage.draw import line_aa
 
     height, width = size
@@ -74,7 +91,11 @@ def lines_texture(
         rr, cc, val = line_aa(int(y0), int(x0), int(y1), int(x1))
         keep = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
         canvas[rr[keep], cc[keep]] += rng.uniform(0.3, 1.0) * val[keep]
-    return _normalise(scipy.ndimage.gaussian_filter(canvas, blur))
+    blurred = sum(
+        weight * scipy.ndimage.gaussian_filter(canvas, sigma)
+        for sigma, weight in zip(blurs, weights, strict=True)
+    )
+    return _normalise(blurred)
 
 
 def grf_texture(
@@ -116,6 +137,8 @@ def make_object(
     phase_range: tuple[float, float] = (-math.pi / 2, math.pi / 2),
     images: tuple[str, str] = ("camera", "moon"),
     correlation_length: float = 4.0,
+    line_blur: tuple[float, ...] = (1.0,),
+    line_blur_weights: tuple[float, ...] | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """A complex (H, W) object with independent amplitude and phase textures.
@@ -133,6 +156,8 @@ def make_object(
         Names of bundled scikit-image test images for ``kind="image"``; they must differ.
     correlation_length : float
         Pixels, for ``kind="grf"``.
+    line_blur, line_blur_weights
+        Blur(s) of the line drawing for ``kind="lines"``, see :func:`lines_texture`.
     seed : int
 
     Returns
@@ -147,7 +172,8 @@ def make_object(
     rng = np.random.default_rng(seed)
     size = (int(size[0]), int(size[1]))
     if kind == "lines":
-        amp_tex, phase_tex = lines_texture(size, rng), lines_texture(size, rng)
+        blur = {"blur": tuple(line_blur), "blur_weights": line_blur_weights}
+        amp_tex, phase_tex = lines_texture(size, rng, **blur), lines_texture(size, rng, **blur)
     elif kind == "grf":
         amp_tex = grf_texture(size, rng, correlation_length=correlation_length)
         phase_tex = grf_texture(size, rng, correlation_length=correlation_length)
@@ -260,6 +286,8 @@ def simulate(
     phase_range: tuple[float, float] = (-math.pi / 2, math.pi / 2),
     images: tuple[str, str] = ("camera", "moon"),
     correlation_length: float = 4.0,
+    line_blur: tuple[float, ...] = (1.0,),
+    line_blur_weights: tuple[float, ...] | None = None,
     probe: str | np.ndarray = "disk",
     probe_radius: float = 0.25,
     fresnel_number: float = 8.0,
@@ -278,7 +306,8 @@ def simulate(
         Pattern size N (even, >= 16).
     n_positions : int
         Number of scan positions M.
-    object_kind, amplitude_range, phase_range, images, correlation_length
+    object_kind, amplitude_range, phase_range, images, correlation_length, line_blur,
+    line_blur_weights
         See :func:`make_object`. The object is just large enough for every patch (plus
         ``margin`` pixels).
     probe : {"disk", "fresnel", "gaussian"} or (N, N) complex array
@@ -330,6 +359,8 @@ def simulate(
         phase_range=phase_range,
         images=images,
         correlation_length=correlation_length,
+        line_blur=line_blur,
+        line_blur_weights=line_blur_weights,
         seed=int(seeds[1].generate_state(1)[0]),
     )
     patches = extract_patches(obj, x, y, n)

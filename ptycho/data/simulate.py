@@ -60,7 +60,7 @@ def lines_texture(
     blur: float | tuple[float, ...] = 1.0,
     blur_weights: tuple[float, ...] | None = None,
 ) -> np.ndarray:
-    """Random blurred line segments (PtychoPINN's simulated ``lines`` object), in [0, 1].
+    """Random line segments, Gaussian-blurred (after PtychoPINN's ``lines`` object), in [0, 1].
 
     ``density`` is the number of segments per pixel of area; segments have random
     orientation, length (up to a quarter of the size) and strength. The drawing is

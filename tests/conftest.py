@@ -22,14 +22,29 @@ def compose_config(name: str = "train", overrides=()):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def _environment(env=None) -> dict:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+
+
 def run_script(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository root, as a user would."""
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=environment,
+        env=_environment(env),
         timeout=timeout,
+    )
+
+
+def start_script(*args, env=None) -> subprocess.Popen:
+    """Start ``python <args>`` like :func:`run_script`, without waiting (to signal it)."""
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )

@@ -309,26 +309,12 @@ def test_multirun_sweeps_two_cells(tmp_path):
 
 
 @pytest.mark.slow
-def test_joblib_parallel_launcher_runs_a_sweep(tmp_path):
+@pytest.mark.parametrize("launcher", ["parallel", "local"])  # joblib, submitit_local
+def test_sweep_launcher_runs_a_sweep(tmp_path, launcher):
     result = run_script(
         "train.py",
         "-m",
-        "hydra/launcher=parallel",
-        "compile=graph",
-        "debug=smoke",
-        "train.seed=1,2",
-        f"hydra.sweep.dir={tmp_path}",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len(list(tmp_path.glob("*/metrics.json"))) == 2
-
-
-@pytest.mark.slow
-def test_submitit_local_launcher_runs_a_sweep(tmp_path):
-    result = run_script(
-        "train.py",
-        "-m",
-        "hydra/launcher=local",
+        f"hydra/launcher={launcher}",
         "compile=graph",
         "debug=smoke",
         "train.seed=1,2",

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -23,9 +20,8 @@ from ptycho.cli import run_job
 from ptycho.data import Scan, ScanFileError, load_scan, save_scan, simulate
 from ptycho.errors import ConfigError, DataError
 from tests.conftest import compose_config as make_config
-from tests.conftest import run_script
+from tests.conftest import run_script, start_script
 
-ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("model.keras", "metrics.json", "reconstruction.npz", "reconstruction.png")
 
 
@@ -276,15 +272,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_script("train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}")
     wait_for_epoch(run_dir, 2, process)
     process.kill()  # SIGKILL: no handler runs
     process.wait()
@@ -304,23 +292,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_sigint_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            "debug=smoke",
-            "compile=graph",
-            "train.epochs=200",
-            "data.n_positions=64",
-            "train.eval_every=0",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = start_script(
+        "train.py",
+        "debug=smoke",
+        "compile=graph",
+        "train.epochs=200",
+        "data.n_positions=64",
+        "train.eval_every=0",
+        f"hydra.run.dir={run_dir}",
     )
     wait_for_epoch(run_dir, 1, process)
     process.send_signal(signal.SIGINT)

@@ -38,15 +38,16 @@ def run_job(function, *args):
 
 
 def _one_line(text: str) -> str:
+    """A multi-line message (Hydra's, OmegaConf's) joined into one; "" when empty."""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type="))]
-    return "; ".join(lines) or type(text).__name__
+    return "; ".join(lines)
 
 
 def _fail(error: BaseException, code: int, prefix: str = "error") -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    message = f"{prefix}: {_one_line(str(error)) or type(error).__name__}"
+    message = f"{prefix}: {_one_line(error) or type(error).__name__}"
     if logging.getLogger().handlers:  # inside a Hydra job: also into train.log
         log.error(message)
     print(message, file=sys.stderr, flush=True)

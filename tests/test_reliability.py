@@ -350,6 +350,9 @@ def test_run_job_maps_errors_to_exit_codes(capsys):
             run_job(raise_(error))
         assert exit_info.value.code == code
         assert capsys.readouterr().err.strip().count("\n") == 0
+    with pytest.raises(SystemExit):
+        run_job(raise_(KeyError()))  # no message: the error's type names it
+    assert capsys.readouterr().err.strip() == "error: KeyError"
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ptycho import __version__
-from ptycho.callbacks import CHECKPOINT, STATE, TrainingMonitor
+from ptycho.callbacks import CHECKPOINT, STATE, TrainingMonitor, stop_on_interrupt
 from ptycho.config import check_infer, check_train
 from ptycho.data import (
     Scan,
@@ -256,7 +256,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     )
     fit_start = time.perf_counter()
     if initial_epoch < epochs:
-        try:
+        with stop_on_interrupt(monitor):
             model.fit(
                 dataset,
                 epochs=epochs,
@@ -266,17 +266,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 verbose=0,
                 shuffle=False,  # the dataset shuffles itself, by (seed, epoch)
             )
-        except KeyboardInterrupt:
-            done = monitor.history[-1]["epoch"] if monitor.history else initial_epoch
-            saved = (
-                f"the checkpoint of epoch {done} is in {run_dir / 'checkpoints'}"
-                if done
-                else "no epoch had completed"
-            )
-            raise Interrupted(
-                f"stopped during epoch {done + 1}; {saved}. Continue with the same command "
-                f"plus hydra.run.dir={run_dir} resume=true"
-            ) from None
+    if monitor.stop_requested and monitor.nan_at is None:
+        done = monitor.history[-1]["epoch"] if monitor.history else initial_epoch
+        where = f"during epoch {done + 1}" if monitor.cut_short else f"after epoch {done}"
+        saved = (
+            f"the checkpoint of epoch {done} is in {run_dir / 'checkpoints'}"
+            if done
+            else "no epoch had completed"
+        )
+        raise Interrupted(
+            f"stopped {where}; {saved}. Continue with the same command "
+            f"plus hydra.run.dir={run_dir} resume=true"
+        )
     fit_seconds = time.perf_counter() - fit_start
     if monitor.nan_at is not None:
         epoch, step = monitor.nan_at

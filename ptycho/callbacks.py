@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from ptycho.data.scan import Scan
 from ptycho.inference import make_predict_fn, reconstruct, scored
 from ptycho.outputs import save_model, write_json
 
-__all__ = ["TrainingMonitor", "image_for_summary"]
+__all__ = ["TrainingMonitor", "image_for_summary", "stop_on_interrupt"]
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +35,42 @@ def image_for_summary(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, np.clip(scaled, 0, 1), 0).astype(np.float32)[None, ..., None]
 
 
+@contextlib.contextmanager
+def stop_on_interrupt(monitor: TrainingMonitor):
+    """While inside, the first Ctrl-C asks ``monitor`` to stop after the current step.
+
+    A KeyboardInterrupt raised in the middle of a TensorFlow call can leave the runtime
+    in a state that crashes the interpreter at exit; a flag checked between steps does
+    not. A second Ctrl-C interrupts at once. Outside the main thread (a launcher's
+    worker) signals cannot be handled and nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first_interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("Ctrl-C: stopping after the current step (press again to stop at once)")
+        monitor.request_stop()
+
+    previous = signal.signal(signal.SIGINT, first_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class TrainingMonitor(keras.callbacks.Callback):
     """Everything that happens between epochs.
 
-    Per step: the loss (every ``log_every_steps``) and a NaN check that stops training
-    at once. Per epoch: loss, learning rate and samples/s to TensorBoard and the log; a
-    checkpoint (``checkpoints/last.keras`` and ``state.json``, written atomically); every
-    ``eval_every`` epochs, the test scan is reconstructed and its metrics and images
-    logged. ``max_minutes`` stops training after the epoch that crosses it.
+    Per step: the loss (every ``log_every_steps``), a NaN check that stops training at
+    once, and a stop requested by :meth:`request_stop` (Ctrl-C, see
+    :func:`stop_on_interrupt`): training ends after the current step, and an epoch cut
+    short is neither checkpointed nor counted. Per epoch: loss, learning rate and
+    samples/s to TensorBoard and the log; a checkpoint (``checkpoints/last.keras`` and
+    ``state.json``, written atomically); every ``eval_every`` epochs, the test scan is
+    reconstructed and its metrics and images logged. ``max_minutes`` stops training
+    after the epoch that crosses it.
     """
 
     def __init__(
@@ -76,6 +107,8 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.log_probe = log_probe
         self.writer = tf.summary.create_file_writer(str(self.run_dir / "tb"))
         self.nan_at: tuple[int, int] | None = None
+        self.stop_requested = False
+        self.cut_short = False  # the stop came in the middle of an epoch
         self.last_metrics: dict = {}
         self.history: list[dict] = []
         self._predict = None
@@ -92,6 +125,10 @@ class TrainingMonitor(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_start = time.perf_counter()
 
+    def request_stop(self) -> None:
+        """Stop training at the next step boundary (safe to call from a signal handler)."""
+        self.stop_requested = True
+
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         step = int(self.model.optimizer.iterations.numpy())
@@ -99,6 +136,9 @@ class TrainingMonitor(keras.callbacks.Callback):
             self.nan_at = (self._epoch + 1, batch + 1)
             self.model.stop_training = True
             return
+        if self.stop_requested:
+            self.cut_short = batch + 1 < self.params.get("steps", batch + 1)
+            self.model.stop_training = True
         if step % self.log_every_steps == 0:
             with self.writer.as_default(step=step):
                 tf.summary.scalar("train/loss_step", loss)
@@ -106,6 +146,8 @@ class TrainingMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.nan_at is not None:
             return  # keep the last good checkpoint; the app reports the failure
+        if self.cut_short:
+            return  # an epoch cut short by a stop is not a completed epoch
         logs = dict(logs or {})
         seconds = time.perf_counter() - self._epoch_start
         rate = self.samples_per_epoch / seconds if seconds > 0 else math.nan
@@ -140,6 +182,9 @@ class TrainingMonitor(keras.callbacks.Callback):
             rate,
             extra,
         )
+        if self.stop_requested:  # requested during this epoch's evaluation or checkpoint
+            self.model.stop_training = True
+            return
         elapsed = (time.perf_counter() - self._start) / 60
         if self.max_minutes is not None and elapsed >= self.max_minutes and not last:
             log.info("stopping after epoch %d: %.1f min >= train.max_minutes", epoch + 1, elapsed)

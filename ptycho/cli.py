@@ -33,6 +33,12 @@ def run_job(function, *args):
         _fail(error, CONFIG_EXIT)
     except Interrupted as error:
         _fail(error, INTERRUPT_EXIT, prefix="interrupted")
+    except KeyboardInterrupt:  # outside training's own handling (setup, final outputs)
+        _fail(
+            Interrupted("Ctrl-C before the job finished; every file it wrote is complete"),
+            INTERRUPT_EXIT,
+            prefix="interrupted",
+        )
     except Exception as error:  # noqa: BLE001 - reported as one line, code 1
         _fail(error, RUNTIME_EXIT)
 

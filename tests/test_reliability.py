@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import zipfile
@@ -308,8 +309,54 @@ def test_sigint_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     lines = error_lines(stderr)
     assert len(lines) == 1 and "resume=true" in lines[0] and str(run_dir) in lines[0]
     assert (run_dir / "checkpoints" / "last.keras").is_file()
+    saved = json.loads((run_dir / "checkpoints" / "state.json").read_text())["epoch"]
+    assert f"checkpoint of epoch {saved} " in lines[0]
     assert not (run_dir / "model.keras").exists()
     assert "Traceback" not in stderr
+
+
+def test_ctrl_c_mid_epoch_stops_after_the_step_and_does_not_count_the_epoch(tmp_path, monkeypatch):
+    """The first Ctrl-C is a request: the step finishes, the cut epoch is not saved."""
+    from ptycho.callbacks import TrainingMonitor
+    from ptycho.errors import Interrupted
+
+    seen = []
+    original = TrainingMonitor.on_train_batch_begin
+
+    def interrupt_at_epoch_2_step_2(self, batch, logs=None):
+        seen.append((self._epoch + 1, batch + 1))
+        if (self._epoch + 1, batch + 1) == (2, 2):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(TrainingMonitor, "on_train_batch_begin", interrupt_at_epoch_2_step_2)
+    cfg = make_config(overrides=["debug=smoke", "compile=graph", "train.epochs=3"])
+    with pytest.raises(Interrupted, match="during epoch 2; the checkpoint of epoch 1") as info:
+        app.train(cfg, tmp_path)
+    assert "resume=true" in str(info.value)
+    assert seen[-1] == (2, 2)  # no step after the interrupted one
+    assert json.loads((tmp_path / "checkpoints" / "state.json").read_text())["epoch"] == 1
+    assert not (tmp_path / "model.keras").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    from ptycho.callbacks import stop_on_interrupt
+
+    class Monitor:
+        stop_requested = False
+
+        def request_stop(self):
+            self.stop_requested = True
+
+    monitor = Monitor()
+    with pytest.raises(KeyboardInterrupt), stop_on_interrupt(monitor):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs between bytecodes
+        assert monitor.stop_requested
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_outputs(tmp_path):
@@ -353,6 +400,10 @@ def test_run_job_maps_errors_to_exit_codes(capsys):
     with pytest.raises(SystemExit):
         run_job(raise_(KeyError()))  # no message: the error's type names it
     assert capsys.readouterr().err.strip() == "error: KeyError"
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(raise_(KeyboardInterrupt()))  # Ctrl-C outside training's own handling
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted: Ctrl-C")
 
 
 # --------------------------------------------------------------------------------------

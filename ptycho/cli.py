@@ -64,8 +64,9 @@ def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
     """Compose the configuration of a single run before Hydra starts it.
 
     Hydra reports a bad override with several lines and exit code 1; this reports it
-    as one line with exit code 2, and refuses an explicit ``hydra.run.dir`` that cannot
-    be written. Sweeps (``-m``) and Hydra's own flags are left to Hydra.
+    as one line with exit code 2, and refuses a run folder (``hydra.run.dir``, given or
+    the default ``outputs/...`` under the current folder) that cannot be written.
+    Sweeps (``-m``) and Hydra's own flags are left to Hydra.
     """
     if any(arg.startswith("-") for arg in argv):
         return
@@ -76,19 +77,24 @@ def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
 
     try:
         with initialize_config_dir(str(config_dir), version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+            default_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         _fail(error, CONFIG_EXIT)
-    for arg in argv:
-        if arg.startswith("hydra.run.dir="):
-            _check_writable(Path(arg.split("=", 1)[1]))
+    explicit = [arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")]
+    _check_writable(Path(explicit[-1] if explicit else default_dir), default=not explicit)
 
 
-def _check_writable(folder: Path) -> None:
-    probe = folder
+def _check_writable(folder: Path, default: bool = False) -> None:
+    probe = folder.absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        where = f"the default run folder {folder.absolute()}" if default else f"{folder}"
         _fail(
-            ConfigError(f"hydra.run.dir={folder}: cannot create or write this folder"), CONFIG_EXIT
+            ConfigError(
+                f"hydra.run.dir: cannot create or write {where}; "
+                "set hydra.run.dir=<a writable folder>"
+            ),
+            CONFIG_EXIT,
         )

@@ -26,11 +26,11 @@ def _environment(env=None) -> dict:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
 
 
-def run_script(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run ``python <args>`` from the repository root, as a user would."""
+def run_script(*args, env=None, timeout=600, cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` from the repository root (or ``cwd``), as a user would."""
     return subprocess.run(
         [sys.executable, *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         env=_environment(env),

@@ -20,8 +20,8 @@ from ptycho import app
 from ptycho.cli import run_job
 from ptycho.data import Scan, ScanFileError, load_scan, save_scan, simulate
 from ptycho.errors import ConfigError, DataError
+from tests.conftest import ROOT, run_script, start_script
 from tests.conftest import compose_config as make_config
-from tests.conftest import run_script, start_script
 
 OUTPUTS = ("model.keras", "metrics.json", "reconstruction.npz", "reconstruction.png")
 
@@ -185,6 +185,7 @@ def test_keras_files_with_lambda_or_unknown_classes_are_refused(good_scan, tmp_p
         ("wrong type", 2),
         ("legacy jit", 2),
         ("unwritable output", 2),
+        ("unwritable default output", 2),
         ("missing checkpoint", 2),
         ("lambda checkpoint", 1),
     ],
@@ -215,6 +216,8 @@ def test_entry_points_exit_with_one_line_and_the_right_code(case, code, good_sca
         "wrong type": [*train, "train.epochs=many"],
         "legacy jit": [*train, "translate=legacy", "compile=jit"],
         "unwritable output": ["train.py", "debug=smoke", f"hydra.run.dir={blocker}/run"],
+        # run from a folder where the default outputs/ cannot be made (a file is there)
+        "unwritable default output": [str(ROOT / "train.py"), "debug=smoke"],
         "missing checkpoint": [
             "infer.py",
             f"checkpoint={tmp_path}/none.keras",
@@ -228,10 +231,14 @@ def test_entry_points_exit_with_one_line_and_the_right_code(case, code, good_sca
             f"hydra.run.dir={run_dir}",
         ],
     }[case]
-    result = run_script(*args)
+    if case == "unwritable default output":
+        (tmp_path / "outputs").write_text("not a folder")
+    result = run_script(*args, cwd=tmp_path if case == "unwritable default output" else ROOT)
     assert result.returncode == code, result.stderr[-3000:]
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr[-3000:]
+    if case.startswith("unwritable"):
+        assert "hydra.run.dir" in lines[0], lines[0]
     assert "Traceback" not in result.stderr
     for name in OUTPUTS:
         assert not (run_dir / name).exists()

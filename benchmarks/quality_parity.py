@@ -1,7 +1,7 @@
-"""Quality parity of the warp backends: the default model trained with each, two seeds.
+"""Quality parity of the warp backends: the default model trained with each, four seeds.
 
-    python benchmarks/quality_parity.py --json          # 30 epochs, seeds 0 and 1
-    python benchmarks/quality_parity.py --epochs 5 --seeds 0
+    python benchmarks/quality_parity.py --json          # 30 epochs, seeds 0 to 3
+    python benchmarks/quality_parity.py --epochs 5 --seeds 0 --keep runs/parity
 
 Each cell is a real ``python train.py`` run (the default configuration) in a fresh
 process with ``translate=<t> compile=<c> train.seed=<s> data.seed=<s>
@@ -9,7 +9,8 @@ train.epochs=<epochs> train.max_minutes=null train.eval_every=0``; the test obje
 the same for every cell (``data.test_seed`` is not changed). The cells run one after
 another so that their timings are comparable. Reported per cell: the final metrics of
 ``metrics.json`` on the test scan, the fit time and the median samples/s. The backends
-should differ by no more than the seed-to-seed spread.
+should differ by no more than the seed-to-seed spread. Run folders are temporary unless
+``--keep DIR`` names where to leave them (``DIR/<translate>_<compile>_<seed>``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--keep", type=Path, help="leave the run folders here")
     args = parser.parse_args(argv)
 
     if not args.json:
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for translate, mode in CONFIGS:
             for seed in args.seeds:
-                run_dir = Path(folder) / f"{translate}_{mode}_{seed}"
+                base = args.keep.resolve() if args.keep else Path(folder)
+                run_dir = base / f"{translate}_{mode}_{seed}"
                 values = run_cell(translate, mode, seed, args.epochs, run_dir)
                 record = {
                     "translate": translate,

@@ -266,12 +266,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 verbose=0,
                 shuffle=False,  # the dataset shuffles itself, by (seed, epoch)
             )
+    epochs_done = monitor.history[-1]["epoch"] if monitor.history else initial_epoch
     if monitor.stop_requested and monitor.nan_at is None:
-        done = monitor.history[-1]["epoch"] if monitor.history else initial_epoch
-        where = f"during epoch {done + 1}" if monitor.cut_short else f"after epoch {done}"
+        where = (
+            f"during epoch {epochs_done + 1}" if monitor.cut_short else f"after epoch {epochs_done}"
+        )
         saved = (
-            f"the checkpoint of epoch {done} is in {run_dir / 'checkpoints'}"
-            if done
+            f"the checkpoint of epoch {epochs_done} is in {run_dir / 'checkpoints'}"
+            if epochs_done
             else "no epoch had completed"
         )
         raise Interrupted(
@@ -296,7 +298,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         register=cfg.metrics.register,
         remove_phase_ramp=cfg.metrics.remove_phase_ramp,
     )
-    epochs_done = monitor.history[-1]["epoch"] if monitor.history else initial_epoch
     trained = [h for h in monitor.history if h["epoch"] > initial_epoch]
     samples_per_s = float(np.median([h["samples_per_s"] for h in trained])) if trained else math.nan
     summary = {

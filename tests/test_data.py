@@ -100,9 +100,7 @@ def test_objects_have_independent_amplitude_and_phase_in_range(kind):
 
 
 def test_multiscale_line_blur_is_a_weighted_sum_of_blurs():
-    import importlib
-
-    lines_texture = importlib.import_module("ptycho.data.simulate").lines_texture
+    from ptycho.data.simulate import lines_texture
 
     def texture(**kwargs):
         return lines_texture((120, 100), np.random.default_rng(5), **kwargs)

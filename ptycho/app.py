@@ -189,30 +189,30 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     steps = len(groups) // batch
     epochs = cfg.train.epochs
 
+    saved_optimizer = None
     if state is None:
         factor = normalisation_factor(train_scan.diffraction)
         model, _ = build_model(
             model_config, probe=train_scan.probe, norm_factor=factor, translate_backend=backend
         )
-        compile_model(
-            model,
-            mode,
-            learning_rate=_schedule(cfg.train, epochs * steps),
-            poisson_weight=cfg.train.poisson_weight,
-            mae_weight=cfg.train.mae_weight,
-        )
         initial_epoch = 0
     else:
         model = keras.saving.load_model(run_dir / "checkpoints" / CHECKPOINT, safe_mode=True)
         set_translate_backend(model, backend)
-        model.jit_compile = mode == "jit"
-        model.run_eagerly = mode == "eager"
         # The optimizer state (Adam moments, step count) comes from the checkpoint; the
         # learning rate follows the configuration, so a diverged run can resume lower.
-        model.optimizer.learning_rate = _schedule(cfg.train, epochs * steps)
+        saved_optimizer = model.optimizer
         factor = float(model.get_layer("normalise").factor)
         initial_epoch = int(state["epoch"])
         log.info("resuming from epoch %d of %d", initial_epoch, epochs)
+    compile_model(
+        model,
+        mode,
+        learning_rate=_schedule(cfg.train, epochs * steps),
+        poisson_weight=cfg.train.poisson_weight,
+        mae_weight=cfg.train.mae_weight,
+        optimizer_state=saved_optimizer,
+    )
 
     dataset = make_dataset(
         train_scan,

@@ -295,12 +295,17 @@ def compile_model(
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 1e-3,
     poisson_weight: float = 1.0,
     mae_weight: float = 0.0,
+    optimizer_state: keras.optimizers.Optimizer | None = None,
 ) -> keras.Model:
     """Compile for ``mode`` in {"jit", "graph", "eager"} with Adam and :class:`PtychoLoss`.
 
     ``jit`` sets ``jit_compile=True`` and verifies Keras kept it (Keras silently drops
     XLA for some layers and under op determinism); a model whose translations use the
     legacy backend is refused for ``jit``: that op has no XLA kernel.
+
+    ``optimizer_state``: an optimizer of the same model (from a checkpoint) whose step
+    count and Adam moments the new optimizer continues from; the learning rate (a number
+    or a schedule) is always ``learning_rate``, so a run can resume with another one.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
@@ -310,8 +315,11 @@ def compile_model(
             "ImageProjectiveTransformV3 has no XLA kernel. Use translate=xla, or "
             "compile=graph for the legacy path."
         )
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if optimizer_state is not None:
+        _continue_optimizer(optimizer, optimizer_state, model.trainable_variables)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss={"amplitude": PtychoLoss(poisson_weight, mae_weight)},
         jit_compile=(mode == "jit"),
         run_eagerly=(mode == "eager"),
@@ -322,6 +330,21 @@ def compile_model(
             "determinism enabled); compile=jit cannot be honoured"
         )
     return model
+
+
+def _continue_optimizer(optimizer, source, variables) -> None:
+    """Copy the step count and moments of ``source`` into ``optimizer`` (built here)."""
+    optimizer.build(variables)
+    state = [v for v in optimizer.variables if v.name != "learning_rate"]
+    saved = {v.name: v for v in source.variables}
+    missing = [v.name for v in state if v.name not in saved]
+    if missing:
+        raise ValueError(
+            f"the checkpoint's optimizer has no state for {missing[:3]}: it does not "
+            "belong to this model"
+        )
+    for variable in state:
+        variable.assign(saved[variable.name])
 
 
 def translate_backends(model: keras.Model) -> set[str]:

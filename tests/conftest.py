@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hypothesis import settings
 
 from ptycho.config import register_configs
+
+# Property-based tests draw the same examples on every run and machine: a failure in CI
+# is reproduced by running the test again, and a green run means the same cases passed.
+settings.register_profile("reproducible", derandomize=True, database=None)
+settings.load_profile("reproducible")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -224,6 +224,14 @@ def test_a_ptychopinn_style_npz_loads(tmp_path):
     )
     scan = load_scan(tmp_path / "pinn.npz")
     assert scan.diffraction.dtype == np.float32 and scan.n == n and scan.object.shape == (40, 40)
+    with np.load(tmp_path / "pinn.npz") as raw:
+        # x is xcoords and y is ycoords (not the *_start keys, not swapped); the
+        # diffraction is taken as amplitudes, as stored (not squared, not rooted).
+        np.testing.assert_array_equal(scan.xcoords, raw["xcoords"])
+        np.testing.assert_array_equal(scan.ycoords, raw["ycoords"])
+        np.testing.assert_allclose(scan.diffraction, raw["diffraction"], rtol=1e-6)
+        np.testing.assert_allclose(scan.probe, raw["probeGuess"], rtol=1e-6)
+        np.testing.assert_array_equal(scan.object, raw["objectGuess"])
 
 
 def test_hand_written_cxi_loads_with_right_positions_and_amplitudes(tmp_path):
@@ -251,6 +259,34 @@ def test_hand_written_cxi_loads_with_right_positions_and_amplitudes(tmp_path):
     np.testing.assert_allclose(scan.xcoords, shifts_px[:, 0] + n / 2, atol=1e-9)
     np.testing.assert_allclose(scan.ycoords, shifts_px[:, 1] + n / 2, atol=1e-9)
     assert scan.metadata["object_pixel_size_m"] == pytest.approx(object_pixel)
+
+
+def test_cxi_positions_fall_back_to_data_1_translation(tmp_path):
+    m, n = 3, 16
+    energy_j, distance, pixel = 8000 * 1.602176634e-19, 2.0, 75e-6
+    object_pixel = 6.62607015e-34 * 299792458.0 / energy_j * distance / (n * pixel)
+    shifts_px = np.array([[0.0, 0.0], [2.5, 1.0], [6.0, 4.0]])
+    with h5py.File(tmp_path / "scan.cxi", "w") as f:
+        f["entry_1/data_1/data"] = np.ones((m, n, n), np.float32)
+        f["entry_1/data_1/translation"] = -shifts_px * object_pixel  # no sample_1 geometry
+        f["entry_1/instrument_1/source_1/energy"] = energy_j
+        f["entry_1/instrument_1/detector_1/distance"] = distance
+        f["entry_1/instrument_1/detector_1/x_pixel_size"] = pixel
+    probe = (np.arange(n * n).reshape(n, n) * (1 + 1j)).astype(np.complex64)
+    scan = load_scan(tmp_path / "scan.cxi", probe=probe)  # the file has no probe
+    np.testing.assert_allclose(scan.xcoords, shifts_px[:, 0] + n / 2, atol=1e-9)
+    np.testing.assert_allclose(scan.ycoords, shifts_px[:, 1] + n / 2, atol=1e-9)
+    np.testing.assert_array_equal(scan.probe, probe)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+def test_a_given_probe_replaces_the_files_probe(tmp_path, suffix):
+    scan = simulate(n=16, n_positions=4, seed=0)
+    path = save_scan(scan, tmp_path / f"scan{suffix}")
+    other = make_probe(16, kind="fresnel", radius=0.3)
+    assert not np.allclose(other, scan.probe)
+    np.testing.assert_array_equal(load_scan(path, probe=other).probe, other)
+    np.testing.assert_array_equal(load_scan(path).probe, scan.probe)
 
 
 def test_loader_errors_name_the_file_and_the_problem(tmp_path):

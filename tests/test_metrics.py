@@ -97,8 +97,43 @@ def test_compare_reports_every_field_and_perfect_scores_for_the_truth():
     ):
         assert key in values
     assert values["amp_ssim"] == pytest.approx(1.0) and values["phase_ssim"] == pytest.approx(1.0)
-    worse = metrics.compare(reference, reference + 0.1 * smooth_image(seed=10, sigma=0.5))
-    assert worse["amp_ssim"] < 0.99 and worse["amp_psnr"] < 60
+
+
+def test_compare_reports_the_mae_and_psnr_of_known_noise():
+    rng = np.random.default_rng(10)
+    amplitude = 0.6 + 0.3 * (smooth_image(seed=11) > 0)
+    phase = 0.8 * np.tanh(smooth_image(seed=12))
+    reference = amplitude * np.exp(1j * phase)
+    amp_noise = rng.uniform(-0.06, 0.06, reference.shape)  # zero mean: scale stays 1
+    phase_noise = rng.uniform(-0.2, 0.2, reference.shape)  # zero mean: offset stays 0
+    noisy = (amplitude + amp_noise) * np.exp(1j * (phase + phase_noise))
+    values = metrics.compare(reference, noisy, register=False)
+    assert values["amp_mae"] == pytest.approx(0.03, rel=0.03)  # E|U(-a, a)| = a / 2
+    assert values["phase_mae"] == pytest.approx(0.1, rel=0.03)
+    amp_range = float(np.ptp(amplitude))
+    expected = 10 * math.log10(amp_range**2 / (0.06**2 / 3))  # var U(-a, a) = a^2 / 3
+    assert values["amp_psnr"] == pytest.approx(expected, abs=0.3)
+
+
+def test_compare_registers_a_shifted_low_passed_copy_before_the_frc():
+    """A copy shifted by (2.4, -1.7) px and low-passed at 0.4 of Nyquist: registration
+    inside ``compare`` undoes the shift, so the FRC crosses 0.5 at the cut-off, while
+    without registration the misalignment decorrelates it far earlier."""
+    rng = np.random.default_rng(13)
+    size = 128
+    texture = scipy.ndimage.gaussian_filter(rng.normal(size=(size, size)), 1.0)
+    reference = (1.0 + 0.5 * texture / texture.std()).astype(np.complex128)
+    fy, fx = np.fft.fftfreq(size)[:, None], np.fft.fftfreq(size)[None, :]
+    low_pass = np.hypot(fy, fx) < 0.4 * 0.5  # 0.4 of Nyquist (0.5 cycles / pixel)
+    ramp = np.exp(-2j * np.pi * (2.4 * fy - 1.7 * fx))  # exact (Fourier) shift
+    moved = np.real(np.fft.ifft2(np.fft.fft2(reference.real) * low_pass * ramp))
+    registered = metrics.compare(reference, moved.astype(np.complex128))
+    assert registered["amp_frc50"] == pytest.approx(0.4, abs=0.05)
+    unregistered = metrics.compare(reference, moved.astype(np.complex128), register=False)
+    assert unregistered["amp_frc50"] < 0.2
+    assert registered["amp_ssim"] > unregistered["amp_ssim"] + 0.3
+    _, info = metrics.align(reference, moved.astype(np.complex128))
+    assert info["shift"] == pytest.approx((-2.4, 1.7), abs=0.1)
 
 
 def test_r_factor_and_poisson_nll_analytic():

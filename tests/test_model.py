@@ -28,6 +28,7 @@ from ptycho.model import (
     translate_backends,
 )
 from ptycho.stitch import extract_patches
+from ptycho.warp import LegacyBackendUnderXLAError
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,92 @@ def test_reassembly_backends_agree_and_average_inconsistent_patches():
     np.testing.assert_allclose(merged[..., 0], patches[:1].mean(axis=-1), atol=1e-5)
 
 
+def scipy_shift(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Bilinear shift with zero fill (content moves right by dx, down by dy)."""
+    import scipy.ndimage
+
+    def shift(part):
+        return scipy.ndimage.shift(part, (dy, dx), order=1, mode="grid-constant")
+
+    return shift(image.real) + 1j * shift(image.imag) if np.iscomplexobj(image) else shift(image)
+
+
+def numpy_reassemble(patches, offsets, pad: int, support: float) -> np.ndarray:
+    """The overlap constraint written out with scipy: each group's patches, masked to
+    their central ``support * N`` square, are averaged where they overlap on a canvas,
+    and the patches are cut back out of the average."""
+    batch, n, _, channels = patches.shape
+    size = n + 2 * pad
+    line = np.abs(np.arange(n) - n / 2 + 0.5) < support * n / 2
+    mask = np.outer(line, line).astype(np.float64)
+    out = np.zeros(patches.shape, np.complex128)
+    for b in range(batch):
+        total = np.zeros((size, size), np.complex128)
+        count = np.zeros((size, size))
+        for c in range(channels):
+            dx, dy = offsets[b, c]
+            canvas = np.zeros((size, size), np.complex128)
+            canvas[pad : pad + n, pad : pad + n] = patches[b, :, :, c] * mask
+            weight = np.zeros((size, size))
+            weight[pad : pad + n, pad : pad + n] = mask
+            total += scipy_shift(canvas, dx, dy)
+            count += scipy_shift(weight, dx, dy)
+        covered = count > 1e-3
+        merged = np.where(covered, total / np.where(covered, count, 1.0), 0)
+        for c in range(channels):
+            dx, dy = offsets[b, c]
+            out[b, :, :, c] = scipy_shift(merged, -dx, -dy)[pad : pad + n, pad : pad + n]
+    return out
+
+
+def random_patches(rng, shape):
+    return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+
+
+@pytest.mark.parametrize("backend", ["xla", "legacy"])
+@pytest.mark.parametrize(("support", "pad"), [(0.5, 0), (1.0, 8)])
+def test_reassembly_is_the_masked_average_of_the_groups_patches(backend, support, pad):
+    """Inconsistent patches at sub-pixel offsets: the default half support (pad 0) and
+    full support, against the scipy reference."""
+    rng = np.random.default_rng(5)
+    patches = random_patches(rng, (3, 32, 32, 4))
+    offsets = rng.uniform(-6.5, 6.5, (3, 4, 2)).astype(np.float32)
+    offsets -= offsets.mean(axis=1, keepdims=True)  # relative to the group centre
+    assert np.abs(offsets - np.round(offsets)).min() > 1e-3
+    layer = ReassemblePatches(pad=pad, support=support, backend=backend)
+    out = layer(patches, offsets).numpy()
+    expected = numpy_reassemble(patches, offsets, pad, support)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+def test_reassembly_gradient_matches_finite_differences():
+    rng = np.random.default_rng(6)
+    patches = random_patches(rng, (2, 16, 16, 4))
+    offsets = tf.constant(rng.uniform(-3.5, 3.5, (2, 4, 2)).astype(np.float32))
+    weights = tf.constant(rng.uniform(0.5, 1.5, (2, 16, 16, 4)).astype(np.float32))
+    layer = ReassemblePatches(pad=0, support=0.5)
+
+    def loss(real, imag):  # non-linear in the patches
+        out = layer(tf.complex(real, imag), offsets)
+        return tf.reduce_sum(weights * tf.abs(out) ** 2)
+
+    real, imag = tf.constant(patches.real), tf.constant(patches.imag)
+    with tf.GradientTape() as tape:
+        tape.watch([real, imag])
+        value = loss(real, imag)
+    grad_real, grad_imag = tape.gradient(value, [real, imag])
+    assert float(tf.reduce_max(tf.abs(grad_real))) > 0
+    step = 1e-2
+    for _ in range(4):  # directional derivatives along random directions
+        dr = rng.normal(size=patches.shape).astype(np.float32)
+        di = rng.normal(size=patches.shape).astype(np.float32)
+        plus = loss(real + step * dr, imag + step * di)
+        minus = loss(real - step * dr, imag - step * di)
+        numerical = float(plus - minus) / (2 * step)
+        analytic = float(tf.reduce_sum(grad_real * dr) + tf.reduce_sum(grad_imag * di))
+        assert analytic == pytest.approx(numerical, rel=2e-3)
+
+
 def test_poisson_loss_is_the_poisson_nll_difference():
     rng = np.random.default_rng(3)
     measured = np.sqrt(rng.poisson(3.0, (2, 8, 8, 1))).astype(np.float32)
@@ -166,6 +253,74 @@ def test_training_steps_decrease_the_loss(tiny_scan, backend, mode):
     losses = [float(training.train_on_batch(inputs, target)) for _ in range(12)]
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def set_amplitude_head(model: keras.Model, bias: float) -> None:
+    """Make the amplitude head's last convolution output ``bias`` everywhere."""
+    head = model.get_layer("amplitude_out")
+    kernel, offset = head.get_weights()
+    head.set_weights([np.zeros_like(kernel), np.full_like(offset, bias)])
+
+
+@pytest.mark.parametrize(
+    ("activation", "reference"),
+    [
+        ("sigmoid", lambda b: 1 / (1 + np.exp(-b))),
+        ("softplus", lambda b: np.log1p(np.exp(b))),
+        ("relu", lambda b: max(b, 0.0)),
+        ("exponential", np.exp),
+    ],
+)
+@pytest.mark.parametrize("support", ["half", "full"])
+def test_amplitude_activation_and_object_support(activation, reference, support):
+    """|O| is the head's activation of its last convolution, on the central N/2 square
+    (half support, zero outside) or the whole patch (full)."""
+    n = 64
+    _, inference = build_model(
+        ModelConfig(
+            n=n, gridsize=1, filters=4, amplitude_activation=activation, object_support=support
+        ),
+        probe=np.ones((n, n), np.complex64),
+        norm_factor=1.0,
+    )
+    set_amplitude_head(inference, 1.5)
+    amplitude = np.abs(inference({"diffraction": np.ones((1, n, n, 1), np.float32)}).numpy())
+    inside = np.zeros((n, n), bool)
+    inside[n // 4 : 3 * n // 4, n // 4 : 3 * n // 4] = True
+    if support == "full":
+        inside[:] = True
+    np.testing.assert_allclose(amplitude[0, inside, 0], reference(1.5), rtol=1e-5)
+    assert not amplitude[0, ~inside, 0].any()
+
+
+def test_probe_mask_radius_cuts_the_probe_to_a_disk():
+    n, radius = 64, 0.2
+    rng = np.random.default_rng(8)
+    probe = (rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))).astype(np.complex64)
+    layer = Illumination(n, mask_radius=radius)
+    layer.set_probe(probe)
+    coords = np.arange(n) - n / 2
+    disk = np.hypot(coords[None, :], coords[:, None]) <= radius * n
+    np.testing.assert_array_equal(layer.probe.numpy(), np.where(disk, probe, 0))
+    patches = np.ones((1, n, n, 1), np.complex64)
+    np.testing.assert_array_equal(layer(patches).numpy()[0, ..., 0], np.where(disk, probe, 0))
+
+
+def test_compile_model_refuses_jit_when_keras_turns_xla_off(tiny_scan):
+    class NoXLA(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.supports_jit = False  # as Keras layers that XLA cannot compile declare
+
+        def call(self, x):
+            return x
+
+    inputs = keras.Input((64, 64, 1), name="diffraction")
+    model = keras.Model(inputs, {"amplitude": NoXLA()(inputs)})
+    with pytest.raises(RuntimeError, match="turned XLA off"):
+        compile_model(model, "jit")
+    compile_model(model, "graph")  # the other modes do not need XLA
+    assert model.jit_compile is False
 
 
 def test_legacy_model_is_refused_for_jit(tiny_scan):
@@ -255,6 +410,13 @@ def test_backend_is_chosen_at_load_time(tiny_scan, tmp_path, saved, loaded):
     inner = (slice(None), slice(8, -8), slice(8, -8))
     np.testing.assert_allclose(after["object"][inner], before["object"][inner], atol=1e-4)
     np.testing.assert_allclose(after["amplitude"], before["amplitude"], rtol=1e-3, atol=1e-4)
+    # The loaded backend is the one that runs: only xla compiles under XLA.
+    compiled = tf.function(lambda x: model(x), jit_compile=True)
+    if loaded == "legacy":
+        with pytest.raises(LegacyBackendUnderXLAError):
+            compiled(inputs)
+    else:
+        compiled(inputs)
 
 
 def test_reassembly_gradient_is_the_same_inline_under_xla_and_as_its_own_cluster():

@@ -76,12 +76,20 @@ def test_layer_round_trips_through_get_config_and_keras_file(tmp_path):
 
 
 def test_backend_is_a_runtime_choice():
+    """Switching the attribute switches the op: only the xla backend runs inside an
+    XLA-compiled function, so the same model fails there as legacy and runs as xla."""
     rng = np.random.default_rng(3)
     images, offsets = inputs(rng)
     model = small_model(Translation(backend="legacy"))
     legacy = model([images, offsets]).numpy()
+    with pytest.raises(LegacyBackendUnderXLAError):
+        tf.function(model, jit_compile=True)([images, offsets])
     model.layers[-1].backend = "xla"
-    assert np.max(np.abs(model([images, offsets]).numpy() - legacy)) < 1e-5
+    switched = tf.function(model, jit_compile=True)([images, offsets]).numpy()
+    assert np.max(np.abs(switched - legacy)) < 1e-5
+    model.layers[-1].backend = "legacy"
+    with pytest.raises(LegacyBackendUnderXLAError):
+        tf.function(model, jit_compile=True)([images, offsets])
 
 
 def test_keras_jit_compile_really_uses_xla_with_the_xla_backend():

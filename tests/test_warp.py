@@ -368,20 +368,62 @@ def test_legacy_backend_has_no_offset_gradient():
     assert tape.gradient(loss, offsets) is None
 
 
+def sample_coordinates(transform: np.ndarray, size: int) -> np.ndarray:
+    """Input coordinates (x_in, y_in) read by every output pixel (module convention)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    a = transform.astype(np.float64)
+    k = a[6] * x + a[7] * y + 1
+    return np.stack([(a[0] * x + a[1] * y + a[2]) / k, (a[3] * x + a[4] * y + a[5]) / k])
+
+
 def test_transform_gradient_of_projective_warp_matches_finite_differences():
+    """Every entry of the Jacobian with respect to the 8 transform parameters.
+
+    The output is piecewise smooth in the transform (bilinear weights between pixel
+    crossings), so each parameter is perturbed by a step that moves no sample by more
+    than 2e-3 px, and the transforms are drawn so that no sample lies within twice that
+    of a pixel crossing: the finite difference then sees one smooth piece everywhere.
+    """
     rng = np.random.default_rng(16)
-    images = rng.normal(size=(2, 9, 9, 1)).astype(np.float32)
-    transforms = random_transforms("rotation", 2, 9, rng) * np.float32(1.0)
-    transforms[:, 2] = [0.37, -0.41]  # keep sampling positions away from integer crossings
-    transforms[:, 5] = [0.21, 0.33]
-    theoretical, numerical = tf.test.compute_gradient(
-        lambda t: projective_warp(images, t), [transforms], delta=1e-3
-    )
-    assert np.abs(theoretical[0]).max() > 0.1
-    # Entries multiplying pixel coordinates move samples by up to 8 * delta, so a few
-    # cross a pixel edge; compare where the finite difference stayed on one piece.
-    close = np.isclose(theoretical[0], numerical[0], atol=2e-2)
-    assert close.mean() > 0.97
+    size, move = 7, 2e-3
+    images = rng.normal(size=(2, size, size, 1)).astype(np.float32)
+    transforms = []
+    while len(transforms) < 2:
+        candidate = random_transforms("perspective", 1, size, rng)[0]
+        candidate[6:] *= 0.5
+        coords = sample_coordinates(candidate, size)
+        inside = (coords > 0.5) & (coords < size - 1.5)
+        distance = np.abs(coords - np.round(coords))
+        if inside.mean() > 0.5 and distance.min() > 2 * move:
+            transforms.append(candidate)
+    transforms = np.stack(transforms).astype(np.float32)
+
+    variable = tf.Variable(transforms)
+    with tf.GradientTape(persistent=True) as tape:
+        out = projective_warp(images, variable)
+    jacobian = tape.jacobian(out, variable, experimental_use_pfor=False).numpy()
+    jacobian = jacobian.reshape(2, size * size, 2, 8)  # (image, pixel, image', parameter)
+
+    y, x = np.mgrid[0:size, 0:size]
+    reach = max(size, 1.0)  # |x|, |y| of the output pixels
+    for b in range(2):
+        coords = sample_coordinates(transforms[b], size)
+        lever = [reach, reach, 1.0, reach, reach, 1.0]  # how far a unit step moves a sample
+        lever += [reach * np.abs(coords).max()] * 2
+        for i in range(8):
+            step = move / lever[i]
+            plus, minus = transforms.copy(), transforms.copy()
+            plus[b, i] += step
+            minus[b, i] -= step
+            numerical = (
+                projective_warp(images, plus).numpy() - projective_warp(images, minus).numpy()
+            ) / (2 * step)
+            np.testing.assert_allclose(
+                jacobian[b, :, b, i], numerical[b].ravel(), atol=1e-2, rtol=5e-3
+            )
+            assert not numerical[1 - b].any()  # another image's transform: no effect
+        assert not jacobian[b, :, 1 - b].any()  # and no gradient
+    assert np.abs(jacobian).max() > 0.5
 
 
 # --------------------------------------------------------------------------------------

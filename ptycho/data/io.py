@@ -140,17 +140,7 @@ def _check_keys(path: Path, names: set, probe, what: str) -> str:
 def _load_npz(path: Path, probe: np.ndarray | None) -> Scan:
     with np.load(path, allow_pickle=False) as archive:
         keys = set(archive.files)
-        diff_key = (
-            "diff3d" if "diff3d" in keys else "diffraction" if "diffraction" in keys else None
-        )
-        if diff_key is None:
-            raise ScanFileError(
-                f"{path}: missing key 'diff3d' (or 'diffraction'): the diffraction amplitudes, "
-                "(M, N, N)"
-            )
-        for key, meaning in _NPZ_REQUIRED.items():
-            if key not in keys and not (key == "probeGuess" and probe is not None):
-                raise ScanFileError(f"{path}: missing key {key!r}: {meaning}")
+        diff_key = _check_keys(path, keys, probe, "key")
 
         def read(key):
             try:
@@ -222,16 +212,7 @@ def _load_h5(path: Path, probe: np.ndarray | None) -> Scan:
 
     with h5py.File(path, "r") as handle:
         names = set(handle.keys())
-        diff_key = (
-            "diff3d" if "diff3d" in names else "diffraction" if "diffraction" in names else None
-        )
-        if diff_key is None:
-            raise ScanFileError(
-                f"{path}: missing dataset 'diff3d': the diffraction amplitudes, (M, N, N)"
-            )
-        for key, meaning in _NPZ_REQUIRED.items():
-            if key not in names and not (key == "probeGuess" and probe is not None):
-                raise ScanFileError(f"{path}: missing dataset {key!r}: {meaning}")
+        diff_key = _check_keys(path, names, probe, "dataset")
         if np.dtype(handle[diff_key].dtype).kind not in "fiu":
             raise ScanFileError(
                 f"{path}: dataset {diff_key!r} must hold real numbers, got {handle[diff_key].dtype}"

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import keras  # noqa: E402
 
-from ptycho.data import group_neighbours, make_dataset, normalisation_factor, simulate  # noqa: E402
+from ptycho.data import group_positions, make_dataset, normalisation_factor, simulate  # noqa: E402
 from ptycho.model import ModelConfig, build_cnn_only, build_model, compile_model  # noqa: E402
 
 CONFIGS = (
@@ -39,7 +39,7 @@ CONFIGS = (
 
 def batch_for(n: int, gridsize: int, batch: int):
     scan = simulate(n=n, n_positions=max(64, batch * 2), step=0.125, seed=0)
-    groups = group_neighbours(scan.xcoords, scan.ycoords, gridsize)
+    groups = group_positions(scan.xcoords, scan.ycoords, gridsize)
     factor = normalisation_factor(scan.diffraction)
     dataset = make_dataset(scan, groups, norm_factor=factor, batch_size=batch, shuffle=False)
     inputs, target = next(iter(dataset))

@@ -22,7 +22,7 @@ from ptycho.callbacks import CHECKPOINT, STATE, TrainingMonitor, stop_on_interru
 from ptycho.config import check_infer, check_train
 from ptycho.data import (
     Scan,
-    group_neighbours,
+    group_positions,
     load_scan,
     make_dataset,
     normalisation_factor,
@@ -30,7 +30,8 @@ from ptycho.data import (
     simulate,
 )
 from ptycho.errors import ConfigError, DataError, Interrupted, TrainingDiverged
-from ptycho.inference import ScanMismatch, reconstruct, scored
+from ptycho.hardware import resolve_precision
+from ptycho.inference import Evaluation, ScanMismatch
 from ptycho.layers import set_translate_backend
 from ptycho.model import ModelConfig, build_model, compile_model, load_model
 from ptycho.outputs import save_model, save_reconstruction, save_reconstruction_png, write_json
@@ -50,7 +51,9 @@ def _value(choice):
 
 
 def simulate_scan(data: DictConfig, n: int, *, test: bool) -> Scan:
-    """One simulated scan from the data section; the test scan is a different object."""
+    """One simulated scan from the data section; the test scan is a different object,
+    unless ``data.test_seed`` is null (then it is the training scan itself)."""
+    test = test and data.test_seed is not None
     return simulate(
         n=n,
         n_positions=data.test_positions if test else data.n_positions,
@@ -82,7 +85,10 @@ def _load(path: str, probe_path: str | None) -> Scan:
 def load_data(data: DictConfig, n: int) -> tuple[Scan, Scan]:
     """(train scan, test scan) from the data section; files must match N."""
     if _value(data.source) == "simulate":
-        return simulate_scan(data, n, test=False), simulate_scan(data, n, test=True)
+        train_scan = simulate_scan(data, n, test=False)
+        if data.test_seed is None:  # reconstruct the scan the network is trained on
+            return train_scan, train_scan
+        return train_scan, simulate_scan(data, n, test=True)
     train_scan = _load(data.path, data.probe_path)
     test_scan = _load(data.test_path, data.probe_path) if data.test_path else train_scan
     for name, scan in (("data.path", train_scan), ("data.test_path", test_scan)):
@@ -109,6 +115,45 @@ def _schedule(train: DictConfig, total_steps: int):
         )
     return keras.optimizers.schedules.ExponentialDecay(
         train.learning_rate, decay_steps=total_steps, decay_rate=ratio
+    )
+
+
+def _model_config(model: DictConfig) -> ModelConfig:
+    """The model section with ``precision=auto`` resolved for this machine."""
+    fields = OmegaConf.to_container(model)
+    fields["precision"] = resolve_precision(fields["precision"])
+    return ModelConfig(**fields)
+
+
+def _groups(data: DictConfig, scan: Scan, gridsize: int):
+    """The training samples: (G, C) groups of the scan's positions (``data.grouping``)."""
+    method = _value(data.grouping)
+    try:
+        groups = group_positions(
+            scan.xcoords,
+            scan.ycoords,
+            gridsize,
+            method=method,
+            n_groups=data.n_groups,
+            seed=data.seed,
+        )
+    except ValueError as error:
+        raise DataError(f"data.grouping={method}: {error}") from error
+    log.info("data.grouping=%s: %d groups of %d positions", method, len(groups), gridsize**2)
+    return groups
+
+
+def _evaluation(cfg: DictConfig, scan: Scan) -> Evaluation:
+    """How the run judges a model on ``scan`` (its test scan, or the scan to infer)."""
+    return Evaluation(
+        scan,
+        batch_size=cfg.infer_batch_size,
+        compile_mode=_value(cfg.compile.mode),
+        backend=_value(cfg.translate.backend),
+        grouping=_value(cfg.data.grouping),
+        align_phase=cfg.align_phase,
+        register=cfg.metrics.register,
+        remove_phase_ramp=cfg.metrics.remove_phase_ramp,
     )
 
 
@@ -169,17 +214,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     train_scan, test_scan = load_data(cfg.data, cfg.model.n)
     if _value(cfg.data.source) == "simulate":
         save_scan(train_scan, run_dir / "train_scan.npz")
-        save_scan(test_scan, run_dir / "test_scan.npz")
+        if test_scan is not train_scan:
+            save_scan(test_scan, run_dir / "test_scan.npz")
 
-    model_config = ModelConfig(**OmegaConf.to_container(cfg.model))
-    groups = group_neighbours(
-        train_scan.xcoords,
-        train_scan.ycoords,
-        model_config.gridsize,
-        k_neighbours=cfg.data.k_neighbours,
-        n_groups=cfg.data.n_groups,
-        seed=cfg.data.seed,
-    )
+    model_config = _model_config(cfg.model)
+    groups = _groups(cfg.data, train_scan, model_config.gridsize)
     batch = cfg.train.batch_size
     if batch > len(groups):
         raise ConfigError(
@@ -225,19 +264,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         epochs=None,
         start_epoch=initial_epoch,
     )
+    evaluation = _evaluation(cfg, test_scan)
     monitor = TrainingMonitor(
         run_dir=run_dir,
-        test_scan=test_scan,
+        evaluation=evaluation,
         epochs=epochs,
         samples_per_epoch=steps * batch,
         eval_every=cfg.train.eval_every,
         log_every_steps=cfg.train.log_every_steps,
-        infer_batch_size=cfg.infer_batch_size,
-        compile_mode=mode,
-        backend=backend,
-        register=cfg.metrics.register,
-        remove_phase_ramp=cfg.metrics.remove_phase_ramp,
         max_minutes=cfg.train.max_minutes,
+        eval_minutes=tuple(cfg.train.eval_minutes),
         log_probe=cfg.model.probe_trainable,
     )
     if state is not None:
@@ -289,20 +325,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             "and rerun with resume=true"
         )
 
-    result = reconstruct(
-        model, test_scan, batch_size=cfg.infer_batch_size, compile_mode=mode, backend=backend
-    )
-    values = scored(
-        result,
-        test_scan,
-        register=cfg.metrics.register,
-        remove_phase_ramp=cfg.metrics.remove_phase_ramp,
-    )
+    result, values = evaluation(model)
     trained = [h for h in monitor.history if h["epoch"] > initial_epoch]
     samples_per_s = float(np.median([h["samples_per_s"] for h in trained])) if trained else math.nan
     summary = {
         **values,
         "epochs": epochs_done,
+        "steps": int(model.optimizer.iterations.numpy()),
         "final_loss": monitor.history[-1]["loss"] if monitor.history else math.nan,
         "samples_per_s": samples_per_s,
         "steps_per_s": samples_per_s / batch,
@@ -374,19 +403,9 @@ def infer(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         scan = _load(cfg.data.path, cfg.data.probe_path)
     try:
-        result = reconstruct(
-            model,
-            scan,
-            batch_size=cfg.infer_batch_size,
-            compile_mode=mode,
-            backend=backend,
-            seed=cfg.seed,
-        )
+        result, values = _evaluation(cfg, scan)(model)
     except ScanMismatch as error:
         raise DataError(f"{cfg.data.path or 'data'}: {error}") from error
-    values = scored(
-        result, scan, register=cfg.metrics.register, remove_phase_ramp=cfg.metrics.remove_phase_ramp
-    )
     summary = {
         **values,
         "patterns": result.patterns,

@@ -14,8 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ptycho.data.scan import Scan
-from ptycho.inference import make_predict_fn, reconstruct, scored
+from ptycho.inference import Evaluation, make_predict_fn
 from ptycho.outputs import save_model, write_json
 
 __all__ = ["TrainingMonitor", "image_for_summary", "stop_on_interrupt"]
@@ -69,41 +68,34 @@ class TrainingMonitor(keras.callbacks.Callback):
     short is neither checkpointed nor counted. Per epoch: loss, learning rate and
     samples/s to TensorBoard and the log; a checkpoint (``checkpoints/last.keras`` and
     ``state.json``, written atomically); every ``eval_every`` epochs, the test scan is
-    reconstructed and its metrics and images logged. ``max_minutes`` stops training
-    after the epoch that crosses it.
+    reconstructed and its metrics and images logged, and after the epoch that crosses
+    each of ``eval_minutes`` (wall minutes since training began: quality against time).
+    ``max_minutes`` stops training after the epoch that crosses it.
     """
 
     def __init__(
         self,
         *,
         run_dir: Path,
-        test_scan: Scan,
+        evaluation: Evaluation,
         epochs: int,
         samples_per_epoch: int,
         eval_every: int = 5,
         log_every_steps: int = 10,
-        infer_batch_size: int = 64,
-        compile_mode: str = "jit",
-        backend: str = "xla",
-        register: bool = True,
-        remove_phase_ramp: bool = False,
         max_minutes: float | None = None,
+        eval_minutes: tuple[float, ...] = (),
         log_probe: bool = False,
     ):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.test_scan = test_scan
+        self.evaluation = evaluation
         self.epochs = epochs
         self.samples_per_epoch = samples_per_epoch
         self.eval_every = eval_every
         self.log_every_steps = max(1, log_every_steps)
-        self.infer_batch_size = infer_batch_size
-        self.compile_mode = compile_mode
-        self.backend = backend
-        self.register = register
-        self.remove_phase_ramp = remove_phase_ramp
         self.max_minutes = max_minutes
+        self.eval_minutes = sorted(eval_minutes)
         self.log_probe = log_probe
         self.writer = tf.summary.create_file_writer(str(self.run_dir / "tb"))
         self.nan_at: tuple[int, int] | None = None
@@ -119,7 +111,7 @@ class TrainingMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._start = time.perf_counter()
-        self._predict = make_predict_fn(self.model, self.compile_mode)
+        self._predict = make_predict_fn(self.model, self.evaluation.compile_mode)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -148,26 +140,43 @@ class TrainingMonitor(keras.callbacks.Callback):
             return  # keep the last good checkpoint; the app reports the failure
         if self.cut_short:
             return  # an epoch cut short by a stop is not a completed epoch
-        logs = dict(logs or {})
-        seconds = time.perf_counter() - self._epoch_start
-        rate = self.samples_per_epoch / seconds if seconds > 0 else math.nan
-        step = int(self.model.optimizer.iterations.numpy())
-        lr = self._learning_rate(step)
-        record = {
-            "epoch": epoch + 1,
-            "loss": float(logs.get("loss", math.nan)),
-            "learning_rate": lr,
-            "samples_per_s": rate,
-        }
-        with self.writer.as_default(step=epoch + 1):
-            tf.summary.scalar("train/loss", record["loss"])
-            tf.summary.scalar("train/learning_rate", lr)
-            tf.summary.scalar("train/samples_per_s", rate)
-        last = epoch + 1 == self.epochs
-        if self.eval_every and ((epoch + 1) % self.eval_every == 0) and not last:
+        record = self._epoch_record(epoch + 1, logs)
+        if self._evaluation_due(epoch + 1, record["minutes"]):
             record.update(self.evaluate(epoch + 1))
         self.history.append(record)
         self._save_checkpoint(epoch + 1)
+        self._log_epoch(record)
+        self._stop_if_done(epoch + 1, record["minutes"])
+
+    def _epoch_record(self, epoch: int, logs) -> dict:
+        """Loss, learning rate, speed and clock of a completed epoch, also to TensorBoard."""
+        seconds = time.perf_counter() - self._epoch_start
+        step = int(self.model.optimizer.iterations.numpy())
+        record = {
+            "epoch": epoch,
+            "steps": step,
+            "minutes": (time.perf_counter() - self._start) / 60,
+            "loss": float(dict(logs or {}).get("loss", math.nan)),
+            "learning_rate": self._learning_rate(step),
+            "samples_per_s": self.samples_per_epoch / seconds if seconds > 0 else math.nan,
+        }
+        with self.writer.as_default(step=epoch):
+            tf.summary.scalar("train/loss", record["loss"])
+            tf.summary.scalar("train/learning_rate", record["learning_rate"])
+            tf.summary.scalar("train/samples_per_s", record["samples_per_s"])
+        return record
+
+    def _evaluation_due(self, epoch: int, minutes: float) -> bool:
+        """Every ``eval_every`` epochs, and after the epoch that crosses each of
+        ``eval_minutes``; never after the last epoch (the app evaluates the result)."""
+        crossed = False
+        while self.eval_minutes and minutes >= self.eval_minutes[0]:
+            self.eval_minutes.pop(0)
+            crossed = True
+        periodic = bool(self.eval_every) and epoch % self.eval_every == 0
+        return (periodic or crossed) and epoch != self.epochs
+
+    def _log_epoch(self, record: dict) -> None:
         extra = "".join(
             f"  {key} {record[key]:.4g}"
             for key in ("r_factor", "amp_ssim", "phase_ssim", "amp_psnr")
@@ -175,36 +184,26 @@ class TrainingMonitor(keras.callbacks.Callback):
         )
         log.info(
             "epoch %d/%d  loss %.5g  lr %.3g  %.0f samples/s%s",
-            epoch + 1,
+            record["epoch"],
             self.epochs,
             record["loss"],
-            lr,
-            rate,
+            record["learning_rate"],
+            record["samples_per_s"],
             extra,
         )
+
+    def _stop_if_done(self, epoch: int, minutes: float) -> None:
         if self.stop_requested:  # requested during this epoch's evaluation or checkpoint
             self.model.stop_training = True
-            return
-        elapsed = (time.perf_counter() - self._start) / 60
-        if self.max_minutes is not None and elapsed >= self.max_minutes and not last:
-            log.info("stopping after epoch %d: %.1f min >= train.max_minutes", epoch + 1, elapsed)
+        elif self.max_minutes is not None and minutes >= self.max_minutes and epoch != self.epochs:
+            log.info("stopping after epoch %d: %.1f min >= train.max_minutes", epoch, minutes)
             self.model.stop_training = True
 
     # ---------------------------------------------------------------------------------
 
     def evaluate(self, epoch: int) -> dict:
         """Reconstruct the test scan; log metrics and images at ``epoch``; return them."""
-        result = reconstruct(
-            self.model,
-            self.test_scan,
-            batch_size=self.infer_batch_size,
-            compile_mode=self.compile_mode,
-            backend=self.backend,
-            predict_fn=self._predict,
-        )
-        values = scored(
-            result, self.test_scan, register=self.register, remove_phase_ramp=self.remove_phase_ramp
-        )
+        result, values = self.evaluation(self.model, predict_fn=self._predict)
         self.last_metrics = values
         with self.writer.as_default(step=epoch):
             for key, value in values.items():

@@ -54,6 +54,7 @@ class ObjectKind(Enum):
 class ProbeKind(Enum):
     disk = "disk"
     fresnel = "fresnel"
+    aberrated = "aberrated"
     gaussian = "gaussian"
 
 
@@ -61,6 +62,12 @@ class ScanKind(Enum):
     grid = "grid"
     spiral = "spiral"
     random = "random"
+
+
+class Grouping(Enum):
+    auto = "auto"
+    block = "block"
+    nearest = "nearest"
 
 
 class Schedule(Enum):
@@ -88,25 +95,25 @@ class DataConfig:
     test_path: Optional[str] = None  # optional separate test scan; default: the train scan
     probe_path: Optional[str] = None  # probe for files without one (.npz/.h5 with probeGuess)
     object_kind: ObjectKind = ObjectKind.lines
-    probe: ProbeKind = ProbeKind.disk
-    probe_radius: float = 0.25
+    probe: ProbeKind = ProbeKind.aberrated
+    probe_radius: float = 0.2
     fresnel_number: float = 8.0
     scan: ScanKind = ScanKind.grid
-    n_positions: int = 2500
-    test_positions: int = 400
-    step: float = 0.125
+    n_positions: int = 6400
+    test_positions: int = 1600
+    step: float = 0.0625
     jitter: float = 0.0
     nphotons: Optional[float] = 1e9
     amplitude_range: List[float] = field(default_factory=lambda: [0.2, 1.0])
-    phase_range: List[float] = field(default_factory=lambda: [-1.5707963, 1.5707963])
+    phase_range: List[float] = field(default_factory=lambda: [-0.6, 0.6])
     images: List[str] = field(default_factory=lambda: ["camera", "moon"])
     test_images: List[str] = field(default_factory=lambda: ["coins", "text"])
     correlation_length: float = 4.0
-    line_blur: List[float] = field(default_factory=lambda: [1.0])  # pixels, lines only
-    line_blur_weights: Optional[List[float]] = None  # one per blur; null = equal
+    line_blur: List[float] = field(default_factory=lambda: [1.0, 5.0, 10.0])  # px, lines only
+    line_blur_weights: Optional[List[float]] = field(default_factory=lambda: [1.0, 2.0, 5.0])
     seed: int = 0
-    test_seed: int = 1
-    k_neighbours: Optional[int] = None
+    test_seed: Optional[int] = 1  # null: the test scan is the training scan itself
+    grouping: Grouping = Grouping.auto  # auto | block (rasters) | nearest (any scan)
     n_groups: Optional[int] = None
 
 
@@ -115,11 +122,14 @@ class ModelSection:
     n: int = 64
     gridsize: int = 2
     filters: int = 16
-    amplitude_activation: str = "sigmoid"
+    amplitude_activation: str = "softplus"
     probe_trainable: bool = False
     probe_mask_radius: Optional[float] = None
     canvas_pad: Optional[int] = None
     object_support: str = "half"
+    object_output: str = "patches"
+    offset_input: bool = False
+    precision: str = "auto"
 
 
 @dataclass
@@ -129,12 +139,13 @@ class TrainSection:
     learning_rate: float = 1e-3
     schedule: Schedule = Schedule.constant
     final_learning_rate: float = 1e-4  # end of the cosine / exponential schedule
-    poisson_weight: float = 1.0
-    mae_weight: float = 0.0
+    poisson_weight: float = 0.0
+    mae_weight: float = 1.0
     seed: int = 0
     eval_every: int = 10  # epochs between test-scan evaluations (0: only at the end)
     log_every_steps: int = 10  # steps between per-step loss points in TensorBoard
     max_minutes: Optional[float] = 9.0  # stop after the epoch that crosses this wall time
+    eval_minutes: List[float] = field(default_factory=list)  # also evaluate at these times
 
 
 @dataclass
@@ -152,6 +163,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     infer_batch_size: int = 64
+    align_phase: bool = True
     resume: bool = False
 
 
@@ -163,7 +175,7 @@ class InferConfig:
     data: DataConfig = field(default_factory=DataConfig)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     infer_batch_size: int = 64
-    seed: int = 0
+    align_phase: bool = True
 
 
 def register_configs() -> None:

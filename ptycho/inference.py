@@ -16,11 +16,12 @@ import numpy as np
 import tensorflow as tf
 
 from ptycho import metrics
-from ptycho.data.grouping import group_neighbours, group_offsets
+from ptycho.data.grouping import group_offsets, group_positions
 from ptycho.data.scan import Scan
 from ptycho.stitch import Stitcher, object_shape_for
 
 __all__ = [
+    "Evaluation",
     "Reconstruction",
     "ScanMismatch",
     "model_geometry",
@@ -85,7 +86,8 @@ def reconstruct(
     batch_size: int = 64,
     compile_mode: str = "jit",
     backend: str = "xla",
-    seed: int = 0,
+    grouping: str = "auto",
+    align_phase: bool = True,
     shape: tuple[int, int] | None = None,
     predict_fn=None,
 ) -> Reconstruction:
@@ -107,6 +109,12 @@ def reconstruct(
     compile_mode : {"jit", "graph", "eager"}
     backend : {"xla", "legacy"}
         Warp backend of the stitcher (the model's own is set on its layers).
+    grouping : {"auto", "block", "nearest"}
+        How positions are grouped (:func:`ptycho.data.group_positions`); use the
+        training's choice.
+    align_phase : bool
+        Phase-align each group to what is already stitched (:class:`Stitcher`): the
+        network's output is only defined up to a constant phase per group.
     shape : (H, W), optional
         Object frame; default the ground truth's shape, or just large enough.
     predict_fn : callable, optional
@@ -114,7 +122,7 @@ def reconstruct(
     """
     n, gridsize = _check_scan(model, scan)
     start = time.perf_counter()
-    groups = group_neighbours(scan.xcoords, scan.ycoords, gridsize, seed=seed)
+    groups = group_positions(scan.xcoords, scan.ycoords, gridsize, method=grouping)
     centres, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
     positions = centres[:, None, :] + offsets  # (G, C, 2) global [x, y] of every patch
     factor = float(model.get_layer("normalise").factor)
@@ -126,7 +134,12 @@ def reconstruct(
         )
     probe = model.get_layer("illumination").probe.numpy()
     stitcher = Stitcher(
-        shape, n, probe=probe, backend=backend, batch_size=batch_size * gridsize * gridsize
+        shape,
+        n,
+        probe=probe,
+        backend=backend,
+        batch_size=batch_size * gridsize * gridsize,
+        align_phase=align_phase,
     )
     if predict_fn is None:
         predict_fn = make_predict_fn(model, compile_mode)
@@ -152,7 +165,7 @@ def reconstruct(
         count += predicted.size
         patches = np.moveaxis(outputs["object"].numpy()[:size], -1, 1).reshape(-1, n, n)
         where = positions[first : first + batch_size].reshape(-1, 2)
-        stitcher.add(patches, where[:, 0], where[:, 1])
+        stitcher.add(patches, where[:, 0], where[:, 1], group_size=c)
     obj, mask = stitcher.result()
     return Reconstruction(
         obj=obj,
@@ -208,3 +221,41 @@ def scored(
         )
     result.metrics = out
     return out
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a model is judged on a scan: reconstruct it, then score it.
+
+    One value carries the choices (batch, compile mode, warp backend, grouping, metric
+    options), so the training monitor's evaluations and the final reconstruction of a
+    run are the same computation.
+    """
+
+    scan: Scan
+    batch_size: int = 64
+    compile_mode: str = "jit"
+    backend: str = "xla"
+    grouping: str = "auto"
+    align_phase: bool = True
+    register: bool = True
+    remove_phase_ramp: bool = False
+
+    def __call__(self, model: keras.Model, predict_fn=None) -> tuple[Reconstruction, dict]:
+        result = reconstruct(
+            model,
+            self.scan,
+            batch_size=self.batch_size,
+            compile_mode=self.compile_mode,
+            backend=self.backend,
+            grouping=self.grouping,
+            align_phase=self.align_phase,
+            predict_fn=predict_fn,
+        )
+        values = scored(
+            result,
+            self.scan,
+            register=self.register,
+            remove_phase_ramp=self.remove_phase_ramp,
+        )
+        return result, values

@@ -20,9 +20,11 @@ from ptycho.warp import BACKENDS, INTERPOLATIONS, run_under_xla, translate
 __all__ = [
     "AmplitudeScale",
     "CombineComplex",
+    "CutPatches",
     "FarFieldAmplitude",
     "Illumination",
     "IntensityScale",
+    "OffsetChannels",
     "ReassemblePatches",
     "Translation",
     "set_translate_backend",
@@ -222,7 +224,63 @@ class ReassemblePatches(keras.layers.Layer):
         }
 
 
-WARPING_LAYERS = (Translation, ReassemblePatches)
+@keras.saving.register_keras_serializable(package="ptycho")
+class CutPatches(keras.layers.Layer):
+    """One object per group -> the C patches of its members (PtychoPINN's
+    ``object_big=False``).
+
+    The object (B, N, N, 1) is the N x N window centred on the group centre; patch c is
+    the window centred on member c, ``offsets[:, c]`` away, so it is the object
+    translated by minus that offset. Returns (B, N, N, C).
+    """
+
+    def __init__(self, backend: str = "xla", **kwargs):
+        super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.backend = backend
+
+    def call(self, obj, offsets):
+        offsets = tf.cast(offsets, tf.float32)
+        shape = tf.shape(obj)
+        batch, n, channels = shape[0], shape[1], tf.shape(offsets)[1]
+        copies = tf.repeat(obj, channels, axis=0)  # (B * C, N, N, 1), member-major per group
+        moved = translate(copies, -tf.reshape(offsets, (-1, 2)), backend=self.backend)
+        return tf.transpose(tf.reshape(moved, (batch, channels, n, n)), (0, 2, 3, 1))
+
+    def compute_output_spec(self, obj, offsets):
+        shape = (obj.shape[0], obj.shape[1], obj.shape[2], offsets.shape[1])
+        return keras.KerasTensor(shape, dtype=obj.dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "backend": self.backend}
+
+
+@keras.saving.register_keras_serializable(package="ptycho")
+class OffsetChannels(keras.layers.Layer):
+    """The group's geometry as network input: (B, C, 2) offsets ``[dx, dy]`` in pixels ->
+    (B, N, N, 2C) constant planes ``offset / scale``, concatenated to the patterns so the
+    network knows where each channel's pattern was measured."""
+
+    def __init__(self, n: int, scale: float, **kwargs):
+        super().__init__(**kwargs)
+        self.n = int(n)
+        self.scale = float(scale)
+
+    def call(self, offsets):
+        flat = tf.reshape(
+            tf.cast(offsets, tf.float32) / self.scale, (-1, 1, 1, offsets.shape[1] * 2)
+        )
+        return tf.tile(flat, (1, self.n, self.n, 1))
+
+    def compute_output_spec(self, offsets):
+        return keras.KerasTensor((offsets.shape[0], self.n, self.n, offsets.shape[1] * 2))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "n": self.n, "scale": self.scale}
+
+
+WARPING_LAYERS = (Translation, ReassemblePatches, CutPatches)
 
 
 @keras.saving.register_keras_serializable(package="ptycho")

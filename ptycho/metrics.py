@@ -23,6 +23,7 @@ import numpy as np
 import scipy.ndimage
 
 __all__ = [
+    "PHASE_STRUCTURE",
     "align",
     "compare",
     "frc",
@@ -34,6 +35,9 @@ __all__ = [
     "register_shift",
     "ssim",
 ]
+
+
+PHASE_STRUCTURE = 0.05  # rad: a reference phase flatter than this has no structure to score
 
 
 def _pair(reference, image, name="image"):
@@ -210,19 +214,25 @@ def compare(
     compared on amplitude and phase. ``data_range`` for PSNR and SSIM is the
     reference's (max - min) of each quantity. FRC crossings are fractions of Nyquist.
 
-    Returns ``amp_psnr``, ``amp_ssim``, ``amp_mae``, ``phase_psnr``, ``phase_ssim``,
-    ``phase_mae``, ``amp_frc50``, ``phase_frc50``, ``amp_frc_halfbit``,
-    ``phase_frc_halfbit``.
+    Returns ``amp_psnr``, ``amp_ssim``, ``amp_mae``, ``amp_frc50``, ``amp_frc_halfbit``,
+    ``phase_mae`` and ``phase_rmse`` (radians), and, only when the reference phase has
+    structure (standard deviation >= ``PHASE_STRUCTURE`` rad on the region),
+    ``phase_psnr``, ``phase_ssim``, ``phase_frc50``, ``phase_frc_halfbit``: on a flat
+    phase those would score noise against a constant.
     """
     reference, image = _pair(reference, image)
     if region is not None:
         reference, image = reference[region], image[region]
     aligned, _ = align(reference, image, register=register, remove_phase_ramp=remove_phase_ramp)
-    out = {}
-    for prefix, ref, rec in (
-        ("amp", np.abs(reference), np.abs(aligned)),
-        ("phase", np.angle(reference), np.angle(aligned)),
-    ):
+    ref_phase = np.angle(reference)
+    phase_error = np.angle(np.exp(1j * (np.angle(aligned) - ref_phase)))  # wrapped, rad
+    out = {"phase_rmse": float(np.sqrt(np.mean(phase_error**2)))}
+    parts = [("amp", np.abs(reference), np.abs(aligned))]
+    if float(np.std(ref_phase)) >= PHASE_STRUCTURE:
+        parts.append(("phase", ref_phase, np.angle(aligned)))
+    else:
+        out["phase_mae"] = float(np.mean(np.abs(phase_error)))
+    for prefix, ref, rec in parts:
         data_range = float(ref.max() - ref.min()) or 1.0
         out[f"{prefix}_psnr"] = psnr(ref, rec, data_range=data_range)
         out[f"{prefix}_ssim"] = ssim(ref, rec, data_range=data_range)

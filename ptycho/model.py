@@ -30,9 +30,11 @@ from ptycho.layers import (
     WARPING_LAYERS,
     AmplitudeScale,
     CombineComplex,
+    CutPatches,
     FarFieldAmplitude,
     Illumination,
     IntensityScale,
+    OffsetChannels,
     ReassemblePatches,
     set_translate_backend,
 )
@@ -52,6 +54,8 @@ __all__ = [
 SIZES = (64, 128, 256)
 COMPILE_MODES = ("jit", "graph", "eager")
 AMPLITUDE_ACTIVATIONS = ("sigmoid", "softplus", "relu", "exponential")
+OBJECT_OUTPUTS = ("patches", "group")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,9 @@ class ModelConfig:
     n : pattern size N, one of 64, 128, 256.
     gridsize : g; each sample is C = g^2 neighbouring positions.
     filters : base filter count of the encoder (doubled per level).
-    amplitude_activation : of the amplitude head ("sigmoid" keeps |O| in (0, 1)).
+    amplitude_activation : of the amplitude head. "softplus" (default) is positive and
+        does not saturate; "sigmoid" keeps |O| in (0, 1) but saturates at 1, where its
+        gradient vanishes and training can stall for good.
     probe_trainable : refine the probe with the network.
     probe_mask_radius : circular probe support, fraction of N (None: no mask).
     canvas_pad : pixels of canvas around a group's patches for the overlap constraint
@@ -70,16 +76,27 @@ class ModelConfig:
     object_support : "half" predicts the central N/2 x N/2 of each patch (zero outside,
         PtychoPINN's padded object: right for a probe that fits in half the window);
         "full" predicts all N x N pixels.
+    object_output : "patches" (the decoders predict C patches, merged by the overlap
+        constraint: PtychoPINN's ``object_big=True``) or "group" (one object per group,
+        centred on the group centre and cut at the C positions: ``object_big=False``).
+    offset_input : give the network the group's offsets as 2C constant input planes
+        (offset / (N/4)), so that on irregular scans it knows where each pattern is.
+    precision : "float32", or "bfloat16" for the CNN's hidden layers (Keras'
+        ``mixed_bfloat16``: bfloat16 arithmetic, float32 weights); the output heads, the
+        physics (overlap constraint, probe, FFT) and the loss stay float32.
     """
 
     n: int = 64
     gridsize: int = 2
     filters: int = 32
-    amplitude_activation: str = "sigmoid"
+    amplitude_activation: str = "softplus"
     probe_trainable: bool = False
     probe_mask_radius: float | None = None
     canvas_pad: int | None = None
     object_support: str = "half"
+    object_output: str = "patches"
+    offset_input: bool = False
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.n not in SIZES:
@@ -92,6 +109,15 @@ class ModelConfig:
             raise ValueError(
                 f"model.object_support must be 'half' or 'full', got {self.object_support!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"model.precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.object_output not in OBJECT_OUTPUTS:
+            raise ValueError(
+                f"model.object_output must be one of {list(OBJECT_OUTPUTS)}, "
+                f"got {self.object_output!r}"
+            )
         if self.amplitude_activation not in AMPLITUDE_ACTIVATIONS:
             raise ValueError(
                 f"model.amplitude_activation must be one of {list(AMPLITUDE_ACTIVATIONS)}, "
@@ -101,6 +127,11 @@ class ModelConfig:
     @property
     def channels(self) -> int:
         return self.gridsize * self.gridsize
+
+    @property
+    def object_channels(self) -> int:
+        """Object patches the decoders predict: C, or 1 for one object per group."""
+        return self.channels if self.object_output == "patches" else 1
 
     @property
     def levels(self) -> int:
@@ -157,8 +188,15 @@ class PtychoLoss(keras.losses.Loss):
         }
 
 
-def _conv(filters: int, name: str, activation="relu"):
-    return keras.layers.Conv2D(filters, 3, padding="same", activation=activation, name=name)
+def _conv(filters: int, name: str, activation="relu", dtype=None):
+    return keras.layers.Conv2D(
+        filters, 3, padding="same", activation=activation, name=name, dtype=dtype
+    )
+
+
+def _hidden_dtype(config: ModelConfig):
+    """Dtype policy of the CNN's hidden layers; heads and physics stay float32."""
+    return keras.DTypePolicy("mixed_bfloat16" if config.precision == "bfloat16" else "float32")
 
 
 def _decoder(x, config: ModelConfig, head: str, activation):
@@ -169,25 +207,32 @@ def _decoder(x, config: ModelConfig, head: str, activation):
     that fits in half the window, whose far field is then oversampled twofold.
     """
     last = 1 if config.object_support == "half" else 0
+    hidden = _hidden_dtype(config)
     for level in reversed(range(last, config.levels)):
         filters = config.filters * 2**level
-        x = _conv(filters, f"{head}_conv{level}a")(x)
-        x = _conv(filters, f"{head}_conv{level}b")(x)
-        x = keras.layers.UpSampling2D(2, name=f"{head}_up{level}")(x)
-    x = _conv(config.channels, f"{head}_out", activation=activation)(x)
+        x = _conv(filters, f"{head}_conv{level}a", dtype=hidden)(x)
+        x = _conv(filters, f"{head}_conv{level}b", dtype=hidden)(x)
+        x = keras.layers.UpSampling2D(2, name=f"{head}_up{level}", dtype=hidden)(x)
+    x = _conv(config.object_channels, f"{head}_out", activation=activation, dtype="float32")(x)
     if last:
         x = keras.layers.ZeroPadding2D(config.n // 4, name=f"{head}_pad")(x)
     return x
 
 
-def _network(diffraction, config: ModelConfig, norm_factor: float):
-    """The CNN: normalised amplitudes -> (amplitude, phase logits), each (B, N, N, C)."""
+def _network(diffraction, offsets, config: ModelConfig, norm_factor: float):
+    """The CNN: normalised amplitudes (and, with ``offset_input``, the group's offsets)
+    -> (amplitude, phase logits), each (B, N, N, C) (or (B, N, N, 1) for one object per
+    group)."""
     x = AmplitudeScale(norm_factor, name="normalise")(diffraction)
+    if config.offset_input and offsets is not None:
+        planes = OffsetChannels(config.n, config.n / 4, name="offset_channels")(offsets)
+        x = keras.layers.Concatenate(name="with_offsets")([x, planes])
+    hidden = _hidden_dtype(config)
     for level in range(config.levels):
         filters = config.filters * 2**level
-        x = _conv(filters, f"encoder_conv{level}a")(x)
-        x = _conv(filters, f"encoder_conv{level}b")(x)
-        x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{level}")(x)
+        x = _conv(filters, f"encoder_conv{level}a", dtype=hidden)(x)
+        x = _conv(filters, f"encoder_conv{level}b", dtype=hidden)(x)
+        x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{level}", dtype=hidden)(x)
     amplitude = _decoder(x, config, "amplitude", config.amplitude_activation)
     phase_logits = _decoder(x, config, "phase", None)
     return amplitude, phase_logits
@@ -201,7 +246,7 @@ def build_cnn_only(config: ModelConfig, *, norm_factor: float = 1.0) -> keras.Mo
     """
     n, c = config.n, config.channels
     diffraction = keras.Input((n, n, c), name="diffraction")
-    amplitude, phase_logits = _network(diffraction, config, norm_factor)
+    amplitude, phase_logits = _network(diffraction, None, config, norm_factor)
     out = keras.layers.Add(name="amplitude")([amplitude, phase_logits])
     return keras.Model({"diffraction": diffraction}, {"amplitude": out}, name="cnn_only")
 
@@ -256,11 +301,15 @@ def build_model(
 
     diffraction = keras.Input((n, n, c), name="diffraction")
     inputs = {"diffraction": diffraction}
-    amplitude, phase_logits = _network(diffraction, config, norm_factor)
-    patches = CombineComplex(name="object")(amplitude, phase_logits)
+    offsets = None
     if c > 1:
         offsets = keras.Input((c, 2), name="offsets")
         inputs["offsets"] = offsets
+    amplitude, phase_logits = _network(diffraction, offsets, config, norm_factor)
+    patches = CombineComplex(name="object")(amplitude, phase_logits)
+    if c > 1 and config.object_output == "group":
+        patches = CutPatches(backend=translate_backend, name="cut_patches")(patches, offsets)
+    elif c > 1:
         pad = config.canvas_pad
         if pad is None:  # half support: offsets up to N/4 stay inside the window
             pad = 0 if config.object_support == "half" else n // 4

@@ -146,6 +146,13 @@ class Stitcher:
     weight_threshold : float
         Pixels whose summed weight is below this fraction of ``max |P|^2`` count as not
         covered: 0 in the object and False in the mask.
+    align_phase : bool
+        Rotate each group of patches (see :meth:`add`) by the constant phase that best
+        matches what is already stitched where they overlap, before adding it. A network
+        sees one group at a time and its diffraction data do not change when the group's
+        object is multiplied by ``exp(i c)``, so each group's phase is only known up to
+        such a constant; averaging groups with different constants would cancel
+        amplitude and blur phase. The first group sets the reference.
     """
 
     def __init__(
@@ -157,8 +164,10 @@ class Stitcher:
         backend: str = "xla",
         batch_size: int = 256,
         weight_threshold: float = 1e-3,
+        align_phase: bool = False,
     ):
         self.shape = (int(shape[0]), int(shape[1]))
+        self.align_phase = bool(align_phase)
         self.n = int(n)
         self.batch_size = int(batch_size)
         weight = np.ones((n, n)) if probe is None else np.abs(np.asarray(probe)) ** 2
@@ -172,8 +181,20 @@ class Stitcher:
         self._place = placement_function(backend)
         self.backend = backend
 
-    def add(self, patches: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray) -> None:
-        """Add (M, N, N) complex patches centred at (x, y)."""
+    def add(
+        self,
+        patches: np.ndarray,
+        xcoords: np.ndarray,
+        ycoords: np.ndarray,
+        *,
+        group_size: int = 1,
+    ) -> None:
+        """Add (M, N, N) complex patches centred at (x, y).
+
+        ``group_size``: every ``group_size`` consecutive patches are one group (the C
+        patches a network predicted together), phase-aligned as one with
+        ``align_phase``; M and the batch size must be multiples of it.
+        """
         patches = np.asarray(patches, np.complex64)
         xcoords, ycoords = np.asarray(xcoords, np.float64), np.asarray(ycoords, np.float64)
         n = self.n
@@ -182,10 +203,14 @@ class Stitcher:
                 f"patches must be (M, {n}, {n}) with one position each, got {patches.shape} "
                 f"and {len(xcoords)} positions"
             )
+        if len(patches) % group_size or self.batch_size % group_size:
+            raise ValueError(
+                f"{len(patches)} patches in batches of {self.batch_size} cannot be cut into "
+                f"groups of {group_size}"
+            )
         top, left = ycoords - n / 2, xcoords - n / 2
         row0, col0 = np.floor(top).astype(np.int64), np.floor(left).astype(np.int64)
         fractions = np.stack([left - col0, top - row0], axis=1).astype(np.float32)
-        height, width = self.shape
         for start in range(0, len(patches), self.batch_size):
             stop = min(start + self.batch_size, len(patches))
             count = stop - start
@@ -193,15 +218,53 @@ class Stitcher:
             shifts = np.zeros((self.batch_size, 2), np.float32)
             batch[:count], shifts[:count] = patches[start:stop], fractions[start:stop]
             windows = self._place(tf.constant(batch), tf.constant(shifts), self._weight)
-            windows = windows.numpy()[:count]
-            for window, r, c in zip(windows, row0[start:stop], col0[start:stop], strict=True):
-                r0, c0 = max(r, 0), max(c, 0)
-                r1, c1 = min(r + n + 1, height), min(c + n + 1, width)
-                if r1 <= r0 or c1 <= c0:
-                    continue
-                part = window[r0 - r : r1 - r, c0 - c : c1 - c]
-                self._numerator[r0:r1, c0:c1] += part[..., :2]
-                self._denominator[r0:r1, c0:c1] += part[..., 2]
+            windows = windows.numpy()[:count].astype(np.float64)
+            for first in range(0, count, group_size):
+                group = slice(first, first + group_size)
+                places = [
+                    self._clip(r, c)
+                    for r, c in zip(row0[start:stop][group], col0[start:stop][group], strict=True)
+                ]
+                if self.align_phase:
+                    self._rotate_to_canvas(windows[group], places)
+                for window, (canvas, inside) in zip(windows[group], places, strict=True):
+                    if canvas is None:
+                        continue
+                    self._numerator[canvas] += window[inside][..., :2]
+                    self._denominator[canvas] += window[inside][..., 2]
+
+    def _clip(self, row: int, col: int):
+        """(canvas slices, window slices) of a window whose corner is (row, col); (None,
+        None) when it lies outside the frame."""
+        height, width = self.shape
+        span = self.n + 1
+        r0, c0 = max(row, 0), max(col, 0)
+        r1, c1 = min(row + span, height), min(col + span, width)
+        if r1 <= r0 or c1 <= c0:
+            return None, None
+        return (slice(r0, r1), slice(c0, c1)), (
+            slice(r0 - row, r1 - row),
+            slice(c0 - col, c1 - col),
+        )
+
+    def _rotate_to_canvas(self, windows: np.ndarray, places) -> None:
+        """Multiply a group's placed patches, in place, by ``exp(i phi)``, phi the phase of
+        their weighted overlap with the stitched object so far (nothing when none)."""
+        overlap = 0j
+        for window, (canvas, inside) in zip(windows, places, strict=True):
+            if canvas is None:
+                continue
+            stitched = self._numerator[canvas]
+            placed = window[inside]
+            overlap += np.sum(
+                (stitched[..., 0] + 1j * stitched[..., 1]) * (placed[..., 0] - 1j * placed[..., 1])
+            )
+        if abs(overlap) == 0:
+            return
+        rotation = overlap / abs(overlap)
+        real, imag = windows[..., 0].copy(), windows[..., 1]
+        windows[..., 0] = real * rotation.real - imag * rotation.imag
+        windows[..., 1] = real * rotation.imag + imag * rotation.real
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(object, mask)``: (H, W) complex64 and bool (covered pixels)."""

@@ -145,7 +145,8 @@ def test_infer_reconstructs_a_scan_file_with_the_trained_model(trained_run, tmp_
 
 def test_infer_with_the_other_backend_agrees(trained_run, tmp_path):
     """Sub-pixel positions, so both warps interpolate: the same model gives the same
-    object (stitched by each backend) and the same R-factor."""
+    object (stitched by each backend) and the same R-factor. Without phase alignment,
+    which would carry the backends' float32 round-off from group to group."""
     run_dir, _ = trained_run
     scan = simulate(n=64, n_positions=36, step=0.125, jitter=0.04, seed=5)
     assert np.abs(scan.xcoords - np.round(scan.xcoords)).max() > 0.2
@@ -155,7 +156,9 @@ def test_infer_with_the_other_backend_agrees(trained_run, tmp_path):
         "data=npz",
         f"data.path={tmp_path / 'jittered.npz'}",
         "infer_batch_size=8",
-    ]
+        "align_phase=false",
+        "compile=graph",  # the same network arithmetic for both (XLA's convolutions round
+    ]  # differently from oneDNN's, in bfloat16 visibly)
     xla = app.infer(make_config("infer", common), tmp_path / "xla")
     legacy = app.infer(
         make_config("infer", [*common, "translate=legacy", "compile=graph"]), tmp_path / "legacy"
@@ -203,19 +206,39 @@ def test_resume_continues_from_the_last_completed_epoch(tmp_path):
     assert summary["epochs"] == 2
 
 
-def test_ptychopinn_lines_preset_simulates_a_smooth_amplitude_only_object():
-    cfg = make_config(overrides=["data=lines_ptychopinn", "debug=smoke"])
-    assert list(cfg.data.line_blur) == [1.0, 5.0, 10.0]
-    scan = app.simulate_scan(cfg.data, cfg.model.n, test=True)
-    default = app.simulate_scan(make_config(overrides=["debug=smoke"]).data, cfg.model.n, test=True)
-    assert np.allclose(np.angle(scan.object), 0.0) and np.abs(scan.object).std() > 0.05
-    assert np.std(np.angle(default.object)) > 0.1  # the default keeps its phase texture
+def lag5(obj) -> float:
+    """Correlation of the amplitude with itself 5 pixels along: high for smooth objects."""
+    amp = np.abs(obj)
+    return float(np.corrcoef(amp[:, :-5].ravel(), amp[:, 5:].ravel())[0, 1])
 
-    def lag5(obj):
-        amp = np.abs(obj)
-        return np.corrcoef(amp[:, :-5].ravel(), amp[:, 5:].ravel())[0, 1]
 
-    assert lag5(scan.object) > 0.6 > 0.3 > lag5(default.object)
+def test_data_presets_simulate_what_they_describe():
+    def scan(preset: str, test: bool = True):
+        cfg = make_config(overrides=[*(["data=" + preset] if preset else []), "debug=smoke"])
+        return cfg, app.simulate_scan(cfg.data, cfg.model.n, test=test)
+
+    cfg, default = scan("")
+    amplitude, phase = np.abs(default.object), np.angle(default.object)
+    assert list(cfg.data.line_blur) == [1.0, 5.0, 10.0] and cfg.data.probe.value == "aberrated"
+    assert np.ptp(phase) >= 1.0 and np.std(phase) > 0.1  # phase with structure, >= 1 rad
+    assert abs(np.corrcoef(amplitude.ravel(), phase.ravel())[0, 1]) < 0.3  # independent
+    _, train = scan("", test=False)
+    assert train.object.shape != default.object.shape or not np.allclose(
+        train.object, default.object
+    )
+    probe = default.probe
+    assert not np.allclose(probe, probe[::-1, ::-1], atol=0.05)  # asymmetric
+    assert np.std(np.angle(probe[np.abs(probe) > 0.3])) > 0.3  # complex
+
+    _, pinn = scan("lines_ptychopinn")
+    assert np.allclose(np.angle(pinn.object), 0.0) and np.abs(pinn.object).std() > 0.05
+    cfg, sharp = scan("lines_sharp")
+    assert lag5(pinn.object) > 0.6 > 0.3 > lag5(sharp.object)
+    assert cfg.data.probe.value == "disk"
+    cfg, spiral = scan("image_spiral")
+    assert cfg.data.scan.value == "spiral" and cfg.data.test_seed is None
+    train, test = app.load_data(cfg.data, cfg.model.n)
+    assert test is train  # trained and scored on the same scan
 
 
 # --------------------------------------------------------------------------------------
@@ -253,7 +276,7 @@ def test_learning_rate_schedule_runs_to_the_final_rate_across_resumes(tmp_path, 
         "train.final_learning_rate=1e-5",
         "train.epochs=3",
         "train.eval_every=0",
-    ]  # 36 samples in batches of 8: 4 steps per epoch, 12 in all
+    ]  # 36 positions on a 6 x 6 raster: 25 blocks of 2 x 2, in batches of 8: 3 steps per epoch
     app.train(make_config(overrides=[*run, "train.max_minutes=1e-6"]), tmp_path)  # epoch 1
     app.train(make_config(overrides=[*run, "train.max_minutes=1e-6", "resume=true"]), tmp_path)
     app.train(make_config(overrides=[*run, "resume=true"]), tmp_path)  # epoch 3, the end
@@ -262,7 +285,7 @@ def test_learning_rate_schedule_runs_to_the_final_rate_across_resumes(tmp_path, 
     assert rates[-1] == pytest.approx(1e-5, rel=1e-5)
     # What the optimizer itself holds, not only what was logged:
     optimizer = keras.saving.load_model(tmp_path / "checkpoints" / "last.keras").optimizer
-    assert int(optimizer.iterations.numpy()) == 12
+    assert int(optimizer.iterations.numpy()) == 9
     assert float(optimizer.learning_rate) == pytest.approx(1e-5, rel=1e-5)
     # A scheduled run continued with a constant rate (Keras refuses to set a number on
     # an optimizer built with a schedule; the app builds a new one with the old state).
@@ -370,7 +393,7 @@ def test_a_batch_larger_than_a_files_samples_is_refused(tmp_path):
     cfg = make_config(
         overrides=["debug=smoke", "data=npz", f"data.path={path}", "train.batch_size=100"]
     )
-    with pytest.raises(ConfigError, match="train.batch_size=100 is larger than the 36"):
+    with pytest.raises(ConfigError, match="train.batch_size=100 is larger than the 25"):
         app.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 

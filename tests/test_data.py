@@ -10,8 +10,8 @@ import scipy.ndimage
 from ptycho.data import (
     Scan,
     ScanFileError,
-    group_neighbours,
     group_offsets,
+    group_positions,
     load_scan,
     make_dataset,
     make_object,
@@ -401,48 +401,76 @@ def test_scan_is_immutable_and_coerces_without_copying():
 # --------------------------------------------------------------------------------------
 
 
-def test_groups_are_the_true_nearest_neighbours():
-    rng = np.random.default_rng(0)
-    x, y = rng.uniform(0, 100, 200), rng.uniform(0, 100, 200)
-    groups = group_neighbours(x, y, gridsize=2)
+@pytest.mark.parametrize("gridsize", [2, 3])
+@pytest.mark.parametrize("jitter", [0.0, 0.4])
+def test_raster_groups_have_one_geometry_in_a_fixed_order(gridsize, jitter):
+    """Every sample of a raster is a g x g block of lattice neighbours in row-major
+    order: the same offsets (up to the jitter) in the same channels, and every
+    position is in some block."""
+    step = 8.0
+    rng = np.random.default_rng(3)
+    x, y = scan_positions(100, kind="grid", step=step, seed=1)
+    x, y = x + rng.normal(0, jitter, x.shape), y + rng.normal(0, jitter, y.shape)
+    groups = group_positions(x, y, gridsize)
+    assert groups.shape == ((10 - gridsize + 1) ** 2, gridsize**2)
+    assert set(groups.ravel()) == set(range(100))
+    _, offsets = group_offsets(x, y, groups)
+    rows, cols = np.divmod(np.arange(gridsize**2), gridsize)
+    ideal = step * (np.stack([cols, rows], axis=1) - (gridsize - 1) / 2)  # [dx, dy], row-major
+    np.testing.assert_allclose(
+        offsets, np.broadcast_to(ideal, offsets.shape), atol=4 * jitter + 1e-9
+    )
+    # The same anchor in the lattice (row, column) = index, independently of the tree:
+    side = 10
+    anchors = groups[:, 0]
+    expected = np.array(
+        [a + side * r + c for a in anchors for r, c in zip(rows, cols, strict=True)]
+    )
+    np.testing.assert_array_equal(groups.ravel(), expected)
+
+
+@pytest.mark.parametrize("kind", ["spiral", "random"])
+def test_irregular_groups_are_the_nearest_neighbours_ordered_by_angle(kind):
+    x, y = scan_positions(200, kind=kind, step=8.0, seed=2)
+    groups = group_positions(x, y, gridsize=2)
     assert groups.shape == (200, 4)
     distances = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+    points = np.stack([x, y], axis=1)
     for seed_index, group in enumerate(groups):
-        assert group[0] == seed_index
-        brute = np.argsort(distances[seed_index], kind="stable")[:4]
-        assert set(group) == set(brute)
+        assert set(group) == set(np.argsort(distances[seed_index], kind="stable")[:4])
+        offsets = points[group] - points[group].mean(axis=0)
+        angles = np.arctan2(offsets[:, 1], offsets[:, 0])
+        assert np.all(np.diff(angles) >= 0)  # left, up, right, down (y points down)
+    with pytest.raises(ValueError, match="grouping=block needs a raster"):
+        group_positions(x, y, gridsize=2, method="block")
 
 
-def test_groups_drawn_from_k_neighbours_stay_within_them_and_are_deterministic():
-    rng = np.random.default_rng(1)
-    x, y = rng.uniform(0, 50, 80), rng.uniform(0, 50, 80)
-    groups = group_neighbours(x, y, gridsize=2, k_neighbours=7, n_groups=300, seed=9)
-    assert groups.shape == (300, 4)
-    distances = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
-    for group in groups:
-        assert len(set(group)) == 4
-        nearest = set(np.argsort(distances[group[0]])[:7])
-        assert set(group) <= nearest
-    np.testing.assert_array_equal(
-        groups, group_neighbours(x, y, gridsize=2, k_neighbours=7, n_groups=300, seed=9)
-    )
-    assert not np.array_equal(
-        groups, group_neighbours(x, y, gridsize=2, k_neighbours=7, n_groups=300, seed=10)
-    )
+def test_a_raster_can_be_grouped_as_nearest_neighbours_and_n_groups_draws_groups():
+    x, y = scan_positions(64, kind="grid", step=8.0)
+    nearest = group_positions(x, y, gridsize=2, method="nearest")
+    assert nearest.shape == (64, 4) and (nearest != group_positions(x, y, 2)[:1]).any()
+    drawn = group_positions(x, y, gridsize=2, n_groups=300, seed=9)
+    assert drawn.shape == (300, 4)
+    blocks = {tuple(g) for g in group_positions(x, y, gridsize=2)}
+    assert {tuple(g) for g in drawn} <= blocks
+    np.testing.assert_array_equal(drawn, group_positions(x, y, 2, n_groups=300, seed=9))
+    assert not np.array_equal(drawn, group_positions(x, y, 2, n_groups=300, seed=10))
 
 
 def test_offsets_sum_to_zero_and_gridsize_one_is_per_pattern():
     rng = np.random.default_rng(2)
     x, y = rng.uniform(0, 50, 30), rng.uniform(0, 50, 30)
-    groups = group_neighbours(x, y, gridsize=3)
+    groups = group_positions(x, y, gridsize=3)
     centres, offsets = group_offsets(x, y, groups)
     np.testing.assert_allclose(offsets.sum(axis=1), 0.0, atol=1e-9)
     np.testing.assert_allclose(centres[:, 0] + offsets[:, 0, 0], x[groups[:, 0]])
-    np.testing.assert_array_equal(group_neighbours(x, y, gridsize=1), np.arange(30)[:, None])
+    np.testing.assert_array_equal(group_positions(x, y, gridsize=1), np.arange(30)[:, None])
     with pytest.raises(ValueError, match="gridsize must be >= 1"):
-        group_neighbours(x, y, gridsize=0)
-    with pytest.raises(ValueError, match="fewer than the 16 neighbours"):
-        group_neighbours(x[:10], y[:10], gridsize=4)
+        group_positions(x, y, gridsize=0)
+    with pytest.raises(ValueError, match="fewer than the 16 a group"):
+        group_positions(x[:10], y[:10], gridsize=4)
+    with pytest.raises(ValueError, match="grouping method"):
+        group_positions(x, y, gridsize=2, method="random")
 
 
 def test_normalisation_factor_sets_mean_energy_and_pipeline_streams_batches():
@@ -451,7 +479,7 @@ def test_normalisation_factor_sets_mean_energy_and_pipeline_streams_batches():
     energy = np.sum((scan.diffraction.astype(np.float64) * factor) ** 2, axis=(1, 2)).mean()
     assert energy == pytest.approx((16 / 2) ** 2, rel=1e-6)
 
-    groups = group_neighbours(scan.xcoords, scan.ycoords, gridsize=2)
+    groups = group_positions(scan.xcoords, scan.ycoords, gridsize=2, method="nearest")
     _, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
     expected = np.moveaxis(scan.diffraction[groups], 1, -1) * np.float32(factor)  # (G,N,N,C)
 
@@ -481,7 +509,7 @@ def test_normalisation_factor_sets_mean_energy_and_pipeline_streams_batches():
 
 def test_gridsize_one_batches_carry_no_offsets():
     scan = simulate(n=16, n_positions=9, seed=0)
-    groups = group_neighbours(scan.xcoords, scan.ycoords, gridsize=1)
+    groups = group_positions(scan.xcoords, scan.ycoords, gridsize=1)
     inputs, target = next(iter(make_dataset(scan, groups, norm_factor=2.0, batch_size=4)))
     assert set(inputs) == {"diffraction"} and inputs["diffraction"].shape == (4, 16, 16, 1)
     assert set(target) == {"amplitude"}

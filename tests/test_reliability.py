@@ -280,9 +280,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run_dir = tmp_path / "killed"
-    # 64 samples in batches of 8: killed at the start of the 4th step of epoch 3.
+    # 64 raster positions give 49 blocks of 2 x 2, 6 full batches of 8 per epoch: killed
+    # at the start of the 3rd step of epoch 3.
     killed = run_script(
-        "tests/kill_at_step.py", "19", "train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}"
+        "tests/kill_at_step.py", "14", "train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}"
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["epoch"] == 2

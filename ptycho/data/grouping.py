@@ -1,7 +1,24 @@
 """Grouping neighbouring scan positions into the C = g^2 channels of one sample.
 
-For ``gridsize`` g > 1, PtychoPINN trains on groups of C = g * g neighbouring scan
-positions; their offsets from the group centre enter the model's overlap constraint.
+For ``gridsize`` g > 1, each training sample is C = g * g neighbouring scan positions;
+the network sees their C diffraction patterns as channels, and their offsets from the
+group centre enter the model's overlap constraint. The network can only learn if it can
+tell which channel sits where (DESIGN.md section 4), so every group has the same shape
+and the same member order wherever possible:
+
+``"block"``
+    Raster scans: g x g blocks of lattice neighbours, in row-major order (for g = 2:
+    top-left, top-right, bottom-left, bottom-right), every sample the same geometry
+    (PtychoPINN's nested 2 x 2 grid).
+``"nearest"``
+    Irregular scans (Fermat spirals, random, jittered instrument positions): each
+    position and its C - 1 nearest neighbours, ordered by angle around the group
+    centre (starting from the left, then up, right and down: clockwise on screen, where
+    y points down). Geometry varies from sample to sample; the order is canonical.
+``"auto"``
+    ``"block"`` when the positions form a raster (every position is in some g x g
+    block of its lattice neighbours), ``"nearest"`` otherwise. Training and inference
+    call it on their own scans and so group the same kind of scan the same way.
 """
 
 from __future__ import annotations
@@ -9,77 +26,108 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["group_neighbours", "group_offsets"]
+__all__ = ["GROUPINGS", "group_offsets", "group_positions", "scan_step"]
+
+GROUPINGS = ("auto", "block", "nearest")
+LATTICE_TOLERANCE = 0.45  # fraction of the step: how far a raster neighbour may stray
 
 
-def group_neighbours(
+def scan_step(xcoords: np.ndarray, ycoords: np.ndarray) -> float:
+    """Median distance from a position to its nearest neighbour, in pixels."""
+    points = np.stack([np.asarray(xcoords, np.float64), np.asarray(ycoords, np.float64)], 1)
+    if len(points) < 2:
+        return 0.0
+    distance, _ = cKDTree(points).query(points, k=2)
+    return float(np.median(distance[:, 1]))
+
+
+def _blocks(points: np.ndarray, gridsize: int, tree: cKDTree) -> np.ndarray:
+    """(G, C) g x g blocks anchored at every position that has all its lattice
+    neighbours (row-major); (0, C) when the step is zero."""
+    step = scan_step(points[:, 0], points[:, 1])
+    c = gridsize * gridsize
+    if not step > 0:
+        return np.zeros((0, c), np.int64)
+    rows, cols = np.divmod(np.arange(c), gridsize)
+    lattice = step * np.stack([cols, rows], axis=1)  # (C, 2) [dx, dy] from the anchor
+    targets = points[:, None, :] + lattice[None]  # (M, C, 2)
+    distance, index = tree.query(targets.reshape(-1, 2))
+    distance, index = distance.reshape(-1, c), index.reshape(-1, c)
+    found = (distance < LATTICE_TOLERANCE * step).all(axis=1)
+    distinct = np.array([len(set(row)) == c for row in index])
+    return index[found & distinct].astype(np.int64)
+
+
+def _canonical_order(points: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Members of each group sorted by angle around the group centre."""
+    members = points[groups]  # (G, C, 2)
+    offsets = members - members.mean(axis=1, keepdims=True)
+    angle = np.arctan2(offsets[..., 1], offsets[..., 0])  # (-pi, pi], 0 pointing right
+    return np.take_along_axis(groups, np.argsort(angle, axis=1, kind="stable"), axis=1)
+
+
+def group_positions(
     xcoords: np.ndarray,
     ycoords: np.ndarray,
     gridsize: int,
     *,
-    k_neighbours: int | None = None,
+    method: str = "auto",
     n_groups: int | None = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """Indices of groups of C = gridsize**2 neighbouring positions.
-
-    Each group starts at a seed position and adds C - 1 positions drawn (without
-    replacement) from the seed's ``k_neighbours - 1`` nearest other positions (k-d
-    tree, scipy's ``cKDTree``). With ``k_neighbours == C`` a group is exactly the seed
-    and its C - 1 nearest neighbours.
+    """Indices of groups of C = gridsize**2 neighbouring positions, in a fixed order.
 
     Parameters
     ----------
     xcoords, ycoords : (M,) float
-        Positions in pixels.
+        Positions in pixels (x = column, y = row).
     gridsize : int
         g >= 1; g = 1 gives one group per position, ``[[0], [1], ...]``.
-    k_neighbours : int, optional
-        K >= C, the neighbourhood a group is drawn from; default C.
+    method : {"auto", "block", "nearest"}
+        See the module docstring. ``"block"`` raises ``ValueError`` when the positions
+        are not a raster.
     n_groups : int, optional
-        Number of groups G; default M (every position seeds one group). Seeds are drawn
-        without replacement while G <= M, with replacement beyond.
+        Keep G groups drawn at random (without replacement while G <= the number of
+        groups found, with replacement beyond); default all of them.
     seed : int
-        Makes the choice of seeds and members deterministic.
+        Makes the draw of ``n_groups`` deterministic.
 
     Returns
     -------
-    (G, C) int64, each row sorted by distance from its seed (the seed first).
+    (G, C) int64 indices into the positions.
     """
-    xcoords = np.asarray(xcoords, np.float64)
-    ycoords = np.asarray(ycoords, np.float64)
-    m = len(xcoords)
+    if method not in GROUPINGS:
+        raise ValueError(f"grouping method must be one of {list(GROUPINGS)}, got {method!r}")
     if gridsize < 1:
         raise ValueError(f"gridsize must be >= 1, got {gridsize}")
-    c = gridsize * gridsize
-    k = c if k_neighbours is None else int(k_neighbours)
-    if k < c:
-        raise ValueError(f"k_neighbours must be >= C = gridsize^2 = {c}, got {k}")
-    if m < k:
+    points = np.stack([np.asarray(xcoords, np.float64), np.asarray(ycoords, np.float64)], 1)
+    m, c = len(points), gridsize * gridsize
+    if m < c:
         raise ValueError(
-            f"the scan has {m} positions, fewer than the {k} neighbours a group of gridsize "
-            f"{gridsize} needs"
+            f"the scan has {m} positions, fewer than the {c} a group of gridsize {gridsize} needs"
         )
-    rng = np.random.default_rng(seed)
-    g = m if n_groups is None else int(n_groups)
-    if g < 1:
-        raise ValueError(f"n_groups must be >= 1, got {g}")
-    if g == m and n_groups is None:
-        seeds = np.arange(m)
-    else:
-        seeds = rng.choice(m, size=g, replace=g > m)
     if c == 1:
-        return seeds[:, None].astype(np.int64)
-    points = np.stack([xcoords, ycoords], axis=1)
-    _, neighbours = cKDTree(points).query(points[seeds], k=k)  # (G, K), seed first
-    neighbours = neighbours.astype(np.int64)
-    if k == c:
-        return neighbours
-    # Seed plus C - 1 of its K - 1 nearest others, kept in order of distance.
-    picks = np.argsort(rng.random((g, k - 1)), axis=1)[:, : c - 1] + 1
-    picks.sort(axis=1)
-    chosen = np.concatenate([np.zeros((g, 1), np.int64), picks], axis=1)
-    return np.take_along_axis(neighbours, chosen, axis=1)
+        groups = np.arange(m, dtype=np.int64)[:, None]
+    else:
+        tree = cKDTree(points)
+        groups = _blocks(points, gridsize, tree) if method != "nearest" else None
+        is_raster = groups is not None and len(np.unique(groups)) == m
+        if method == "block" and not is_raster:
+            raise ValueError(
+                f"grouping=block needs a raster scan: {m - len(np.unique(groups))} of {m} "
+                f"positions are in no {gridsize} x {gridsize} block of lattice neighbours; "
+                "use grouping=nearest (or auto)"
+            )
+        if not is_raster:
+            _, nearest = tree.query(points, k=c)  # (M, C), the position itself first
+            groups = _canonical_order(points, nearest.astype(np.int64))
+    if n_groups is None:
+        return groups
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(groups), size=n_groups, replace=n_groups > len(groups))
+    return groups[chosen]
 
 
 def group_offsets(

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 OBJECT_KINDS = ("lines", "grf", "image")
-PROBE_KINDS = ("disk", "fresnel", "gaussian")
+PROBE_KINDS = ("disk", "fresnel", "aberrated", "gaussian")
 SCAN_KINDS = ("grid", "spiral", "random")
 BUNDLED_IMAGES = (
     "camera",
@@ -186,6 +186,16 @@ def make_object(
     return (amplitude * np.exp(1j * phase)).astype(np.complex64)
 
 
+# Aberrations of the "aberrated" probe's aperture, radians at its edge: (Zernike-like
+# polynomial of the normalised radius rho and angle theta). Fixed, so every run and
+# every user sees the same probe.
+ABERRATIONS = (
+    (1.6, lambda rho, theta: rho**2 * np.cos(2 * theta - 0.3)),  # astigmatism
+    (1.1, lambda rho, theta: (3 * rho**3 - 2 * rho) * np.cos(theta - 1.1)),  # coma
+    (0.8, lambda rho, theta: rho**3 * np.cos(3 * theta + 0.4)),  # trefoil
+)
+
+
 def make_probe(
     n: int,
     *,
@@ -199,12 +209,16 @@ def make_probe(
     Parameters
     ----------
     n : int
-    kind : {"disk", "fresnel", "gaussian"}
+    kind : {"disk", "fresnel", "aberrated", "gaussian"}
         ``disk``: circular aperture low-passed by a Gaussian of ``blur`` pixels (flat
-        top, soft edge, flat phase). ``fresnel``: the aperture propagated in the Fresnel
-        approximation to Fresnel number ``a^2 / (lambda z) = fresnel_number``: Fresnel
-        rings in the modulus and a curved phase. ``gaussian``: a Gaussian of standard
-        deviation ``radius * N / 2``.
+        top, soft edge, flat phase: real and centro-symmetric, so every single pattern is
+        explained as well by the object's twin). ``fresnel``: the aperture propagated in
+        the Fresnel approximation to Fresnel number ``a^2 / (lambda z) = fresnel_number``:
+        Fresnel rings in the modulus and a curved phase (still centro-symmetric).
+        ``aberrated``: the aperture with fixed astigmatism, coma and trefoil
+        (``ABERRATIONS``) propagated the same way and smoothed by half a pixel, like the
+        probes of focusing optics measured at instruments: complex, asymmetric,
+        structured. ``gaussian``: a Gaussian of standard deviation ``radius * N / 2``.
     radius : float
         Aperture radius as a fraction of N.
     """
@@ -217,18 +231,27 @@ def make_probe(
     a = radius * n
     if kind == "gaussian":
         probe = np.exp(-r2 / (2 * (a / 2) ** 2)).astype(np.complex128)
-    else:
+    elif kind == "disk":
         aperture = (r2 <= a**2).astype(np.float64)
-        if kind == "disk":
-            probe = scipy.ndimage.gaussian_filter(aperture, blur).astype(np.complex128)
-        else:
-            # Fresnel propagation: multiply the spectrum by exp(-i pi lambda z |f|^2) with
-            # lambda z = a^2 / F and f in cycles per pixel.
-            freq = np.fft.fftfreq(n)
-            f2 = freq[None, :] ** 2 + freq[:, None] ** 2
-            kernel = np.exp(-1j * np.pi * (a**2 / fresnel_number) * f2)
-            probe = np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(aperture)) * kernel)
-            probe = np.fft.fftshift(probe)
+        probe = scipy.ndimage.gaussian_filter(aperture, blur).astype(np.complex128)
+    else:
+        aperture = (r2 <= a**2).astype(np.complex128)
+        if kind == "aberrated":  # a soft edge, as an optic's aperture is seen
+            aperture = scipy.ndimage.gaussian_filter(aperture.real, 1.0).astype(np.complex128)
+            rho = np.sqrt(r2) / a
+            theta = np.arctan2(coords[:, None], coords[None, :])
+            phase = sum(weight * term(rho, theta) for weight, term in ABERRATIONS)
+            aperture = aperture * np.exp(1j * phase)
+        # Fresnel propagation: multiply the spectrum by exp(-i pi lambda z |f|^2) with
+        # lambda z = a^2 / F and f in cycles per pixel.
+        freq = np.fft.fftfreq(n)
+        f2 = freq[None, :] ** 2 + freq[:, None] ** 2
+        kernel = np.exp(-1j * np.pi * (a**2 / fresnel_number) * f2)
+        probe = np.fft.fftshift(np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(aperture)) * kernel))
+        if kind == "aberrated":
+            probe = scipy.ndimage.gaussian_filter(
+                probe.real, 0.5
+            ) + 1j * scipy.ndimage.gaussian_filter(probe.imag, 0.5)
     return (probe / np.abs(probe).max()).astype(np.complex64)
 
 

@@ -212,11 +212,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
 
     train_scan, test_scan = load_data(cfg.data, cfg.model.n)
-    if _value(cfg.data.source) == "simulate":
-        save_scan(train_scan, run_dir / "train_scan.npz")
-        if test_scan is not train_scan:
-            save_scan(test_scan, run_dir / "test_scan.npz")
-
     model_config = _model_config(cfg.model)
     groups = _groups(cfg.data, train_scan, model_config.gridsize)
     batch = cfg.train.batch_size
@@ -225,6 +220,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             f"train.batch_size={batch} is larger than the {len(groups)} training samples: "
             "lower train.batch_size or use more positions"
         )
+    if _value(cfg.data.source) == "simulate":  # written only once the inputs are accepted
+        save_scan(train_scan, run_dir / "train_scan.npz")
+        if test_scan is not train_scan:
+            save_scan(test_scan, run_dir / "test_scan.npz")
     steps = len(groups) // batch
     epochs = cfg.train.epochs
 

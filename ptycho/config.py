@@ -15,7 +15,16 @@ from typing import List, Optional
 
 from ptycho.errors import ConfigError
 
+# String choices of the model section (ptycho.model uses the same tuples).
+MODEL_CHOICES = {
+    "amplitude_activation": ("sigmoid", "softplus", "relu", "exponential"),
+    "object_support": ("half", "full"),
+    "object_output": ("patches", "group"),
+    "precision": ("auto", "float32", "bfloat16"),
+}
+
 __all__ = [
+    "MODEL_CHOICES",
     "ConfigError",
     "DataConfig",
     "InferConfig",
@@ -247,6 +256,9 @@ def check_train(cfg) -> None:
         raise ConfigError(f"model.gridsize={model.gridsize}: must be >= 1")
     if model.filters < 1:
         raise ConfigError(f"model.filters={model.filters}: must be >= 1")
+    for key, choices in MODEL_CHOICES.items():
+        if model[key] not in choices:
+            raise ConfigError(f"model.{key}={model[key]}: must be one of {', '.join(choices)}")
     if train.epochs < 1:
         raise ConfigError(f"train.epochs={train.epochs}: must be >= 1")
     if train.batch_size < 1:

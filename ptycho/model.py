@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ptycho.config import MODEL_CHOICES
 from ptycho.layers import (
     WARPING_LAYERS,
     AmplitudeScale,
@@ -53,9 +54,9 @@ __all__ = [
 
 SIZES = (64, 128, 256)
 COMPILE_MODES = ("jit", "graph", "eager")
-AMPLITUDE_ACTIVATIONS = ("sigmoid", "softplus", "relu", "exponential")
-OBJECT_OUTPUTS = ("patches", "group")
-PRECISIONS = ("float32", "bfloat16")
+AMPLITUDE_ACTIVATIONS = MODEL_CHOICES["amplitude_activation"]
+OBJECT_OUTPUTS = MODEL_CHOICES["object_output"]
+PRECISIONS = tuple(p for p in MODEL_CHOICES["precision"] if p != "auto")  # auto: resolved
 
 
 @dataclass(frozen=True)

@@ -414,11 +414,21 @@ def test_a_batch_larger_than_a_files_samples_is_refused(tmp_path):
         (["train.batch_size=1000"], "larger than the 36 training samples"),
         (["data.line_blur=[1,5]", "data.line_blur_weights=[1]"], "one weight >= 0 per"),
         (["data.line_blur=[]"], "data.line_blur=\\[\\]: must be one or more blurs"),
+        (["model.precision=fp8"], "model.precision=fp8: must be one of auto, float32, bfloat16"),
+        (["model.amplitude_activation=tanh"], "model.amplitude_activation=tanh: must be one of"),
+        (["model.object_output=canvas"], "model.object_output=canvas: must be one of"),
     ],
 )
 def test_impossible_configurations_are_refused_before_any_work(tmp_path, overrides, match):
     cfg = make_config(overrides=["debug=smoke", *overrides])
     with pytest.raises(ConfigError, match=match):
+        app.train(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_grouping_of_a_spiral_is_refused_before_anything_is_written(tmp_path):
+    cfg = make_config(overrides=["debug=smoke", "data.scan=spiral", "data.grouping=block"])
+    with pytest.raises(DataError, match="data.grouping=block: .*raster"):
         app.train(cfg, tmp_path)
     assert list(tmp_path.iterdir()) == []
 

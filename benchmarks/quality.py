@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --json                          # the full grid
     python benchmarks/quality.py --data default --minutes 1 3 --seeds 0
+    python benchmarks/quality.py --data default --set compile=graph   # other settings
     python benchmarks/quality.py --plot quality.png < results.jsonl   # curves from a file
 
 Each (data, seed) cell is one real ``python train.py data=<preset> train.seed=<s>
@@ -10,7 +11,8 @@ process, otherwise with the shipped defaults; the test object is the same for ev
 (``data.test_seed`` is not changed). The test scan is scored after the epoch that crosses
 each mark (wall minutes since training began, evaluations included) and once more at the
 end, the figure a user gets in ``metrics.json``. ``default`` is the configuration as
-shipped. Cells run one after another, so their minutes are comparable.
+shipped; ``--set`` adds overrides to every cell (recorded in the ``set`` field). Cells
+run one after another, so their minutes are comparable.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ PRESETS = ("default", "lines_ptychopinn", "image_spiral", "lines_sharp")
 FIELDS = ("amp_ssim", "phase_ssim", "amp_psnr", "phase_psnr", "phase_rmse", "r_factor")
 
 
-def run_cell(data: str, seed: int, minutes: list[float], run_dir: Path) -> list[dict]:
+def run_cell(
+    data: str, seed: int, minutes: list[float], run_dir: Path, extra: list[str]
+) -> list[dict]:
     """Train one cell; one record per mark (the last from the final reconstruction)."""
     marks = sorted(minutes)
     overrides = [
+        *extra,
         f"train.seed={seed}",
         f"data.seed={seed}",
         f"train.max_minutes={marks[-1]}",
@@ -59,6 +64,7 @@ def run_cell(data: str, seed: int, minutes: list[float], run_dir: Path) -> list[
     return [
         {
             "data": data,
+            "set": " ".join(extra),
             "minutes": mark,
             "seed": seed,
             "wall_minutes": round(values["minutes"], 2),
@@ -66,6 +72,7 @@ def run_cell(data: str, seed: int, minutes: list[float], run_dir: Path) -> list[
             "steps": values["steps"],
             **{key: round(float(values[key]), 4) for key in FIELDS if key in values},
             "samples_per_s": round(float(values["samples_per_s"]), 1),
+            "precision": final["precision"],
         }
         for mark, values in cells
     ]
@@ -103,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 3, 10, 30])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--keep", type=Path, help="leave the run folders here")
+    parser.add_argument("--set", nargs="+", default=[], help="overrides for every cell")
     parser.add_argument(
         "--plot", type=Path, help="write the curves of JSON lines read from stdin to this PNG"
     )
@@ -117,7 +125,8 @@ def main(argv=None) -> int:
         base = args.keep.resolve() if args.keep else Path(folder)
         for data in args.data:
             for seed in args.seeds:
-                for record in run_cell(data, seed, args.minutes, base / f"{data}_{seed}"):
+                folder = base / "_".join([data, str(seed), *args.set]).replace("=", "-")
+                for record in run_cell(data, seed, args.minutes, folder, args.set):
                     if args.json:
                         print(json.dumps(record), flush=True)
                     else:

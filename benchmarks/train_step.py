@@ -14,6 +14,7 @@ the median.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--filters", type=int, default=16, help="model.filters (the default)")
+    parser.add_argument(
+        "--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16"]
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=4)
     args = parser.parse_args(argv)
@@ -91,41 +95,41 @@ def main(argv=None) -> int:
     if not args.json:
         names = [f"{b}+{c}" if v == "full" else f"cnn_only+{c}" for b, c, v in CONFIGS]
         header = "".join(f"{name:>16}" for name in names)
-        print(f"{'g':>2}{'n':>5}{'batch':>6}{header}  jit/legacy  graph/legacy")
-    for gridsize in args.gridsize:
-        for n in args.n:
-            for batch in args.batch:
-                config = ModelConfig(n=n, gridsize=gridsize, filters=args.filters)
-                scan, factor, inputs, target = batch_for(n, gridsize, batch)
-                models = {c: make_model(config, scan, factor, *c) for c in CONFIGS}
-                medians = time_cell(models, inputs, target, args.rounds, args.per_round)
-                rates = {key: batch / value for key, value in medians.items()}
-                for (backend, mode, variant), median in medians.items():
-                    if args.json:
-                        print(
-                            json.dumps(
-                                {
-                                    "translate": backend if variant == "full" else "none",
-                                    "compile": mode,
-                                    "variant": variant,
-                                    "gridsize": gridsize,
-                                    "n": n,
-                                    "batch": batch,
-                                    "filters": args.filters,
-                                    "samples_per_s": round(batch / median, 1),
-                                    "step_ms_median": round(1e3 * median, 2),
-                                }
-                            ),
-                            flush=True,
-                        )
-                if not args.json:
-                    jit, graph, legacy = (rates[c] for c in CONFIGS[:3])
-                    cells = "".join(f"{rates[c]:>16,.1f}" for c in CONFIGS)
+        print(f"{'g':>2}{'n':>5}{'batch':>6}{'precision':>10}{header}  jit/legacy  graph/legacy")
+    for gridsize, n, batch in itertools.product(args.gridsize, args.n, args.batch):
+        scan, factor, inputs, target = batch_for(n, gridsize, batch)
+        for precision in args.precision:
+            config = ModelConfig(n=n, gridsize=gridsize, filters=args.filters, precision=precision)
+            models = {c: make_model(config, scan, factor, *c) for c in CONFIGS}
+            medians = time_cell(models, inputs, target, args.rounds, args.per_round)
+            rates = {key: batch / value for key, value in medians.items()}
+            for (backend, mode, variant), median in medians.items():
+                if args.json:
                     print(
-                        f"{gridsize:>2}{n:>5}{batch:>6}{cells}  {jit / legacy:>9.2f}x"
-                        f"  {graph / legacy:>11.2f}x",
+                        json.dumps(
+                            {
+                                "translate": backend if variant == "full" else "none",
+                                "compile": mode,
+                                "variant": variant,
+                                "gridsize": gridsize,
+                                "n": n,
+                                "batch": batch,
+                                "filters": args.filters,
+                                "precision": precision,
+                                "samples_per_s": round(batch / median, 1),
+                                "step_ms_median": round(1e3 * median, 2),
+                            }
+                        ),
                         flush=True,
                     )
+            if not args.json:
+                jit, graph, legacy = (rates[c] for c in CONFIGS[:3])
+                cells = "".join(f"{rates[c]:>16,.1f}" for c in CONFIGS)
+                print(
+                    f"{gridsize:>2}{n:>5}{batch:>6}{precision:>10}{cells}  {jit / legacy:>9.2f}x"
+                    f"  {graph / legacy:>11.2f}x",
+                    flush=True,
+                )
     return 0
 
 

@@ -118,10 +118,10 @@ def _schedule(train: DictConfig, total_steps: int):
     )
 
 
-def _model_config(model: DictConfig) -> ModelConfig:
-    """The model section with ``precision=auto`` resolved for this machine."""
+def _model_config(model: DictConfig, compile_mode: str) -> ModelConfig:
+    """The model section with ``precision=auto`` resolved for this machine and mode."""
     fields = OmegaConf.to_container(model)
-    fields["precision"] = resolve_precision(fields["precision"])
+    fields["precision"] = resolve_precision(fields["precision"], compile_mode)
     return ModelConfig(**fields)
 
 
@@ -212,7 +212,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
 
     train_scan, test_scan = load_data(cfg.data, cfg.model.n)
-    model_config = _model_config(cfg.model)
+    model_config = _model_config(cfg.model, mode)
     groups = _groups(cfg.data, train_scan, model_config.gridsize)
     batch = cfg.train.batch_size
     if batch > len(groups):
@@ -279,7 +279,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         monitor.history = list(state.get("history", []))
     _write_run_summaries(monitor.writer, cfg, run_dir.name)
     log.info(
-        "training %s: %d samples of %d x %d x %d, %d steps/epoch, translate=%s compile=%s",
+        "training %s: %d samples of %d x %d x %d, %d steps/epoch, translate=%s compile=%s "
+        "precision=%s",
         train_scan.source,
         len(groups),
         model_config.n,
@@ -288,6 +289,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         steps,
         backend,
         mode,
+        model_config.precision,
     )
     fit_start = time.perf_counter()
     if initial_epoch < epochs:
@@ -339,6 +341,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "reconstruction_patterns_per_s": result.patterns_per_s,
         "translate": backend,
         "compile": mode,
+        "precision": model_config.precision,
         "ptycho_version": __version__,
     }
     _log_final(monitor, values, summary, epochs_done)

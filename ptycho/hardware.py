@@ -1,9 +1,12 @@
 """What the machine offers: the choices that depend on the hardware at hand.
 
-``resolve_precision("auto")`` picks bfloat16 for the network where the hardware runs it
-natively (GPUs of compute capability 8.0 and newer; CPUs with AVX512_BF16 or AMX-BF16,
-where oneDNN's bfloat16 convolutions are measured faster than float32, see the README) and
-float32 elsewhere, where bfloat16 would be emulated and slower.
+``resolve_precision("auto", compile_mode)`` picks bfloat16 for the network where the
+hardware and the compiler run it natively: GPUs of compute capability 8.0 and newer; CPUs
+with AVX512_BF16 or AMX-BF16 when the convolutions are oneDNN's (``compile=graph`` or
+``eager``), where bfloat16 steps are measured 1.2x faster than float32. XLA's CPU
+convolutions (``compile=jit``) have no native bfloat16 and were measured slower with it
+(0.92x), so there, and everywhere else, float32 (``benchmarks/train_step.py
+--precision float32 bfloat16``, README).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def native_bfloat16() -> bool:
-    """True when the device the network runs on computes bfloat16 natively."""
+def native_bfloat16(compile_mode: str, flags: set[str] | None = None) -> bool:
+    """True when the network's convolutions run bfloat16 natively on this machine under
+    ``compile_mode`` (``flags``: the CPU's, read from /proc/cpuinfo when None)."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -37,11 +41,14 @@ def native_bfloat16() -> bool:
             "compute_capability", (0, 0)
         )
         return tuple(capability) >= (8, 0)
-    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+    if compile_mode == "jit":  # XLA's CPU convolutions: no native bfloat16
+        return False
+    return bool((cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS))
 
 
-def resolve_precision(precision: str) -> str:
-    """``"auto"`` -> ``"bfloat16"`` or ``"float32"`` for this machine; others unchanged."""
+def resolve_precision(precision: str, compile_mode: str, flags: set[str] | None = None) -> str:
+    """``"auto"`` -> ``"bfloat16"`` or ``"float32"`` for this machine and compile mode;
+    other values unchanged."""
     if precision != "auto":
         return precision
-    return "bfloat16" if native_bfloat16() else "float32"
+    return "bfloat16" if native_bfloat16(compile_mode, flags) else "float32"

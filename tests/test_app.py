@@ -87,6 +87,7 @@ def test_train_writes_every_output(trained_run):
     for field in METRIC_FIELDS:
         assert math.isfinite(metrics[field]), field
     assert metrics["epochs"] == 2 and metrics["translate"] == "xla" and metrics["compile"] == "jit"
+    assert metrics["precision"] == "float32"  # auto under jit: XLA CPU has no bfloat16
     reconstruction = np.load(run_dir / "reconstruction.npz")
     test_scan = load_scan(run_dir / "test_scan.npz")
     assert reconstruction["obj"].dtype == np.complex64

@@ -151,3 +151,22 @@ def test_bad_inputs_are_rejected():
         metrics.ssim(np.zeros((8, 8)), np.zeros((8, 8)), data_range=0)
     with pytest.raises(ValueError, match="at least 8"):
         metrics.frc(np.zeros((4, 4)), np.zeros((4, 4)))
+
+
+def test_phase_is_scored_by_rmse_and_by_ssim_only_where_it_has_structure():
+    rng = np.random.default_rng(7)
+    amplitude = 0.6 + 0.3 * np.tanh(smooth_image(seed=3))
+    noise = 0.02 * rng.standard_normal(amplitude.shape)  # rad, well below PHASE_STRUCTURE
+    flat = amplitude.astype(np.complex128)
+    values = metrics.compare(flat, flat * np.exp(1j * (0.7 + noise)), register=False)
+    assert "phase_ssim" not in values and "phase_psnr" not in values
+    assert "phase_frc50" not in values
+    # The constant 0.7 rad is removed; what is left is the noise, minus its own mean.
+    assert values["phase_rmse"] == pytest.approx(np.std(noise), rel=1e-3)
+    assert values["amp_ssim"] == pytest.approx(1.0)
+
+    phase = 0.5 * np.tanh(smooth_image(seed=4) / smooth_image(seed=4).std())
+    structured = amplitude * np.exp(1j * phase)
+    values = metrics.compare(structured, structured * np.exp(1j * (0.7 + noise)), register=False)
+    assert values["phase_ssim"] > 0.9 and math.isfinite(values["phase_psnr"])
+    assert values["phase_rmse"] == pytest.approx(np.std(noise), rel=1e-3)

@@ -30,7 +30,7 @@ from ptycho.data import (
     simulate,
 )
 from ptycho.errors import ConfigError, DataError, Interrupted, TrainingDiverged
-from ptycho.hardware import resolve_precision
+from ptycho.hardware import compile_hint, resolve_precision
 from ptycho.inference import Evaluation, ScanMismatch
 from ptycho.layers import set_translate_backend
 from ptycho.model import ModelConfig, build_model, compile_model, load_model
@@ -291,6 +291,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         mode,
         model_config.precision,
     )
+    if hint := compile_hint(mode):
+        log.info(hint)
     fit_start = time.perf_counter()
     if initial_epoch < epochs:
         with stop_on_interrupt(monitor):

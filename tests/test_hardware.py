@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tensorflow as tf
 
-from ptycho.hardware import cpu_flags, resolve_precision
+from ptycho.hardware import compile_hint, cpu_flags, resolve_precision
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
@@ -29,3 +29,11 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 def test_auto_precision_on_a_cpu(monkeypatch, precision, mode, flags, expected):
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
     assert resolve_precision(precision, mode, flags) == expected
+
+
+def test_jit_on_a_cpu_gets_a_hint_and_graph_or_a_gpu_does_not(monkeypatch):
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert "compile=graph" in compile_hint("jit")
+    assert compile_hint("graph") is None
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    assert compile_hint("jit") is None

@@ -79,26 +79,39 @@ def run_cell(
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """Amplitude SSIM against minutes, one line per seed, one panel per preset."""
+    """Amplitude SSIM (top) and phase SSIM (bottom, where the preset has phase structure)
+    against minutes, one line per seed (and ``--set``), one column per preset."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     presets = [p for p in PRESETS if any(r["data"] == p for r in records)]
-    figure, axes = plt.subplots(1, len(presets), figsize=(4 * len(presets), 3.4), squeeze=False)
-    for axis, preset in zip(axes[0], presets, strict=True):
+    figure, axes = plt.subplots(2, len(presets), figsize=(4 * len(presets), 6.4), squeeze=False)
+    for column, preset in enumerate(presets):
         cells = [r for r in records if r["data"] == preset]
-        for seed in sorted({r["seed"] for r in cells}):
-            curve = sorted((r["minutes"], r["amp_ssim"]) for r in cells if r["seed"] == seed)
-            axis.plot(*zip(*curve, strict=True), marker="o", label=f"seed {seed}")
-        axis.set_xscale("log")
-        axis.set_ylim(0, 1)
-        axis.set_title(preset)
-        axis.set_xlabel("training minutes (2-core CPU)")
-        axis.set_ylabel("test amplitude SSIM")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        for row, key in enumerate(("amp_ssim", "phase_ssim")):
+            axis = axes[row, column]
+            for seed, extra in sorted({(r["seed"], r.get("set", "")) for r in cells}):
+                curve = sorted(
+                    (r["minutes"], r[key])
+                    for r in cells
+                    if (r["seed"], r.get("set", "")) == (seed, extra) and key in r
+                )
+                if curve:
+                    label = f"seed {seed}" + (f", {extra}" if extra else "")
+                    style = "--" if extra else "-"
+                    axis.plot(*zip(*curve, strict=True), marker="o", ls=style, label=label)
+            axis.set_xscale("log")
+            axis.set_ylim(0, 1)
+            axis.set_title(preset if row == 0 else f"{preset} (phase)")
+            axis.set_xlabel("training minutes (2-core CPU)")
+            axis.set_ylabel("test " + ("amplitude" if row == 0 else "phase") + " SSIM")
+            axis.grid(alpha=0.3)
+            if axis.lines:
+                axis.legend(fontsize=8)
+            else:
+                axis.text(0.5, 0.5, "no phase structure", ha="center", transform=axis.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy.spatial import cKDTree
 
 from ptycho import metrics
-from ptycho.data.grouping import group_offsets, group_positions
+from ptycho.data.grouping import group_offsets, group_positions, scan_step
 from ptycho.data.scan import Scan
 from ptycho.stitch import Stitcher, object_shape_for
 
@@ -195,12 +196,22 @@ def _tracing_count(fn) -> int:
     return int(counter()) if counter else 0
 
 
-def scan_region(scan: Scan) -> tuple[slice, slice]:
-    """The scanned region: the bounding box of the patch centres (every pixel of it is
-    well illuminated for any overlapping scan)."""
+def scan_region(scan: Scan, reach: float = 2.0) -> tuple[slice, slice]:
+    """The scored region: the largest axis-aligned rectangle inside the bounding box of
+    the patch centres whose every pixel lies within ``reach`` scan steps of a patch
+    centre. On a raster that is the whole box; on a Fermat spiral (a disk of positions)
+    or any scan that does not fill its box, the unscanned corners stay out."""
+    rows = slice(int(math.floor(scan.ycoords.min())), int(math.ceil(scan.ycoords.max())) + 1)
+    cols = slice(int(math.floor(scan.xcoords.min())), int(math.ceil(scan.xcoords.max())) + 1)
+    step = scan_step(scan.xcoords, scan.ycoords)
+    yy, xx = np.mgrid[rows, cols]
+    centres = cKDTree(np.stack([scan.xcoords, scan.ycoords], axis=1))
+    distance, _ = centres.query(np.stack([xx.ravel(), yy.ravel()], axis=1))
+    covered = (distance <= reach * max(step, 1.0)).reshape(xx.shape)
+    inner_rows, inner_cols = metrics.largest_rectangle(covered)
     return (
-        slice(int(math.floor(scan.ycoords.min())), int(math.ceil(scan.ycoords.max())) + 1),
-        slice(int(math.floor(scan.xcoords.min())), int(math.ceil(scan.xcoords.max())) + 1),
+        slice(rows.start + inner_rows.start, rows.start + inner_rows.stop),
+        slice(cols.start + inner_cols.start, cols.start + inner_cols.stop),
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "compare",
     "frc",
     "frc_crossing",
+    "largest_rectangle",
     "mae",
     "poisson_nll",
     "psnr",
@@ -262,3 +263,28 @@ def poisson_nll(predicted: np.ndarray, measured: np.ndarray) -> float:
     rate = np.asarray(predicted, np.float64) ** 2 + 1e-12
     counts = np.asarray(measured, np.float64) ** 2
     return float(np.mean(rate - xlogy(counts, rate)))
+
+
+def largest_rectangle(mask: np.ndarray) -> tuple[slice, slice]:
+    """(rows, cols) of the largest axis-aligned rectangle of True pixels of a 2-D mask.
+
+    Row by row, the heights of the True runs ending at that row form a histogram whose
+    largest rectangle is found with a stack (O(H W)). Empty slices for an all-False mask.
+    """
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
+    height, width = mask.shape
+    heights = np.zeros(width + 1, np.int64)  # a zero sentinel closes every run
+    best, box = 0, (0, 0, 0, 0)
+    for row in range(height):
+        heights[:width] = np.where(mask[row], heights[:width] + 1, 0)
+        stack: list[tuple[int, int]] = []  # (first column, height), heights increasing
+        for col, h in enumerate(heights.tolist()):
+            start = col
+            while stack and stack[-1][1] >= h:
+                start, top = stack.pop()
+                if top * (col - start) > best:
+                    best, box = top * (col - start), (row + 1 - top, row + 1, start, col)
+            stack.append((start, h))
+    return slice(box[0], box[1]), slice(box[2], box[3])

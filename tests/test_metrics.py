@@ -170,3 +170,39 @@ def test_phase_is_scored_by_rmse_and_by_ssim_only_where_it_has_structure():
     values = metrics.compare(structured, structured * np.exp(1j * (0.7 + noise)), register=False)
     assert values["phase_ssim"] > 0.9 and math.isfinite(values["phase_psnr"])
     assert values["phase_rmse"] == pytest.approx(np.std(noise), rel=1e-3)
+
+
+def brute_force_largest_rectangle_area(mask):
+    height, width = mask.shape
+    return (
+        max(
+            (r1 - r0) * (c1 - c0)
+            for r0 in range(height)
+            for r1 in range(r0 + 1, height + 1)
+            for c0 in range(width)
+            for c1 in range(c0 + 1, width + 1)
+            if mask[r0:r1, c0:c1].all()
+        )
+        if mask.any()
+        else 0
+    )
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_largest_rectangle_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((7, 9)) < 0.75
+    rows, cols = metrics.largest_rectangle(mask)
+    assert mask[rows, cols].all()
+    assert (rows.stop - rows.start) * (cols.stop - cols.start) == (
+        brute_force_largest_rectangle_area(mask)
+    )
+
+
+def test_largest_rectangle_of_a_disk_is_its_inscribed_square():
+    yy, xx = np.mgrid[:101, :101]
+    disk = (yy - 50) ** 2 + (xx - 50) ** 2 <= 50**2
+    rows, cols = metrics.largest_rectangle(disk)
+    assert rows.stop - rows.start == pytest.approx(50 * math.sqrt(2), abs=2)
+    assert cols.stop - cols.start == pytest.approx(50 * math.sqrt(2), abs=2)
+    assert metrics.largest_rectangle(np.zeros((3, 4), bool)) == (slice(0, 0), slice(0, 0))

@@ -16,8 +16,8 @@ import scipy.ndimage
 import tensorflow as tf
 
 import ptycho  # noqa: F401
-from ptycho.data import group_positions, normalisation_factor, simulate
-from ptycho.inference import Reconstruction, reconstruct, scored
+from ptycho.data import group_positions, normalisation_factor, scan_step, simulate
+from ptycho.inference import Reconstruction, reconstruct, scan_region, scored
 from ptycho.model import ModelConfig, build_model
 
 N = 64
@@ -228,3 +228,41 @@ def test_metrics_are_taken_on_the_scanned_region(grid_scan):
     assert values["amp_ssim"] > 0.999 and values["phase_ssim"] > 0.999
     obj[rows.stop - 1, cols] = noise[rows.stop - 1, cols]  # the last scanned row counts
     assert scored(result, scan)["amp_ssim"] < 0.99
+
+
+def test_the_unscanned_corners_of_a_spiral_are_not_scored():
+    """A Fermat spiral covers a disk: the corners of its bounding box are never
+    illuminated. The truth where the scan reached and zeros elsewhere scores as perfect;
+    every scored pixel is near a position, the box's corners are out, and the region is
+    more than half the box."""
+    scan = simulate(n=N, n_positions=200, scan="spiral", step=0.125, nphotons=None, seed=3)
+    rows, cols = scan_region(scan)
+    yy, xx = np.mgrid[rows, cols]
+    distance = np.hypot(
+        xx.ravel()[:, None] - scan.xcoords[None], yy.ravel()[:, None] - scan.ycoords[None]
+    ).min(axis=1)
+    assert distance.max() <= 2 * scan_step(scan.xcoords, scan.ycoords)
+    corners = [
+        (y, x)
+        for y in (scan.ycoords.min(), scan.ycoords.max())
+        for x in (scan.xcoords.min(), scan.xcoords.max())
+    ]
+    assert not any(rows.start <= y < rows.stop and cols.start <= x < cols.stop for y, x in corners)
+    box = np.ptp(scan.xcoords) * np.ptp(scan.ycoords)
+    assert (rows.stop - rows.start) * (cols.stop - cols.start) > 0.5 * box  # not a sliver
+
+    reached = np.zeros(scan.object.shape, bool)
+    for x, y in zip(scan.xcoords, scan.ycoords, strict=True):
+        reached[int(y) - N // 4 : int(y) + N // 4, int(x) - N // 4 : int(x) + N // 4] = True
+    obj = np.where(reached, scan.object, 0).astype(np.complex64)
+    result = Reconstruction(
+        obj=obj,
+        mask=reached,
+        r_factor=0.0,
+        poisson_nll=0.0,
+        patterns=scan.n_positions,
+        seconds=1.0,
+        traces=1,
+    )
+    values = scored(result, scan)
+    assert values["amp_ssim"] > 0.999 and values["phase_ssim"] > 0.999

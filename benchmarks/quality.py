@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from quality_parity import run_train  # the same train.py run, in benchmarks/
+
 PRESETS = ("default", "lines_ptychopinn", "image_spiral", "lines_sharp")
 FIELDS = ("amp_ssim", "phase_ssim", "amp_psnr", "phase_psnr", "phase_rmse", "r_factor")
 
@@ -46,16 +45,7 @@ def run_cell(
     ]
     if data != "default":
         overrides.insert(0, f"data={data}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"data={data} seed {seed} failed: {done.stderr[-2000:]}")
+    run_train(overrides, f"data={data} seed {seed}")
     history = json.loads((run_dir / "checkpoints" / "state.json").read_text())["history"]
     final = json.loads((run_dir / "metrics.json").read_text())
     evaluated = [h for h in history if "r_factor" in h]  # the marks, in order

@@ -39,6 +39,21 @@ FIELDS = (
 )
 
 
+def run_train(overrides: list[str], what: str) -> None:
+    """``python train.py *overrides`` in a fresh process from the repository root; a
+    failure raises with ``what`` and the end of its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed: {done.stderr[-2000:]}")
+
+
 def run_cell(translate: str, mode: str, seed: int, epochs: int, run_dir: Path) -> dict:
     overrides = [
         f"translate={translate}",
@@ -50,16 +65,7 @@ def run_cell(translate: str, mode: str, seed: int, epochs: int, run_dir: Path) -
         "train.eval_every=0",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{translate}+{mode} seed {seed} failed: {done.stderr[-2000:]}")
+    run_train(overrides, f"{translate}+{mode} seed {seed}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {key: round(float(metrics[key]), 4) for key in FIELDS}
 

@@ -54,8 +54,6 @@ __all__ = [
 
 SIZES = (64, 128, 256)
 COMPILE_MODES = ("jit", "graph", "eager")
-AMPLITUDE_ACTIVATIONS = MODEL_CHOICES["amplitude_activation"]
-OBJECT_OUTPUTS = MODEL_CHOICES["object_output"]
 PRECISIONS = tuple(p for p in MODEL_CHOICES["precision"] if p != "auto")  # auto: resolved
 
 
@@ -106,24 +104,12 @@ class ModelConfig:
             raise ValueError(f"model.gridsize must be >= 1, got {self.gridsize}")
         if self.filters < 1:
             raise ValueError(f"model.filters must be >= 1, got {self.filters}")
-        if self.object_support not in ("half", "full"):
-            raise ValueError(
-                f"model.object_support must be 'half' or 'full', got {self.object_support!r}"
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"model.precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.object_output not in OBJECT_OUTPUTS:
-            raise ValueError(
-                f"model.object_output must be one of {list(OBJECT_OUTPUTS)}, "
-                f"got {self.object_output!r}"
-            )
-        if self.amplitude_activation not in AMPLITUDE_ACTIVATIONS:
-            raise ValueError(
-                f"model.amplitude_activation must be one of {list(AMPLITUDE_ACTIVATIONS)}, "
-                f"got {self.amplitude_activation!r}"
-            )
+        # "auto" precision is resolved (ptycho.hardware) before a model is configured.
+        for key, allowed in {**MODEL_CHOICES, "precision": PRECISIONS}.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"model.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}"
+                )
 
     @property
     def channels(self) -> int:

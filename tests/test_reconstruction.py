@@ -201,6 +201,19 @@ def test_a_wrong_answer_is_not_scored_as_the_truth(grid_scan):
     assert scored(result, scan)["amp_ssim"] < 0.9
 
 
+def given_object(obj, mask, scan) -> Reconstruction:
+    """A reconstruction holding ``obj`` (no prediction behind it): for scoring alone."""
+    return Reconstruction(
+        obj=obj,
+        mask=mask,
+        r_factor=0.0,
+        poisson_nll=0.0,
+        patterns=scan.n_positions,
+        seconds=1.0,
+        traces=1,
+    )
+
+
 def test_metrics_are_taken_on_the_scanned_region(grid_scan):
     """The truth inside the bounding box of the patch centres and noise outside it
     scores as perfect (a larger or transposed region would take in noise), and noise
@@ -215,15 +228,7 @@ def test_metrics_are_taken_on_the_scanned_region(grid_scan):
     assert rows.stop - rows.start != cols.stop - cols.start  # swapping x and y would show
     obj = noise.astype(np.complex64)
     obj[rows, cols] = scan.object[rows, cols]
-    result = Reconstruction(
-        obj=obj,
-        mask=np.ones(obj.shape, bool),
-        r_factor=0.0,
-        poisson_nll=0.0,
-        patterns=scan.n_positions,
-        seconds=1.0,
-        traces=1,
-    )
+    result = given_object(obj, np.ones(obj.shape, bool), scan)
     values = scored(result, scan)
     assert values["amp_ssim"] > 0.999 and values["phase_ssim"] > 0.999
     obj[rows.stop - 1, cols] = noise[rows.stop - 1, cols]  # the last scanned row counts
@@ -255,14 +260,6 @@ def test_the_unscanned_corners_of_a_spiral_are_not_scored():
     for x, y in zip(scan.xcoords, scan.ycoords, strict=True):
         reached[int(y) - N // 4 : int(y) + N // 4, int(x) - N // 4 : int(x) + N // 4] = True
     obj = np.where(reached, scan.object, 0).astype(np.complex64)
-    result = Reconstruction(
-        obj=obj,
-        mask=reached,
-        r_factor=0.0,
-        poisson_nll=0.0,
-        patterns=scan.n_positions,
-        seconds=1.0,
-        traces=1,
-    )
+    result = given_object(obj, reached, scan)
     values = scored(result, scan)
     assert values["amp_ssim"] > 0.999 and values["phase_ssim"] > 0.999

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptycho import __version__
 from ptycho.callbacks import CHECKPOINT, STATE, TrainingMonitor, stop_on_interrupt
-from ptycho.config import check_infer, check_train
+from ptycho.config import check_infer, check_train, refine_options
 from ptycho.data import (
     Scan,
     group_positions,
@@ -54,7 +54,7 @@ def simulate_scan(data: DictConfig, n: int, *, test: bool) -> Scan:
     """One simulated scan from the data section; the test scan is a different object,
     unless ``data.test_seed`` is null (then it is the training scan itself)."""
     test = test and data.test_seed is not None
-    return simulate(
+    scan = simulate(
         n=n,
         n_positions=data.test_positions if test else data.n_positions,
         object_kind=_value(data.object_kind),
@@ -72,6 +72,23 @@ def simulate_scan(data: DictConfig, n: int, *, test: bool) -> Scan:
         jitter=data.jitter,
         nphotons=data.nphotons,
         seed=data.test_seed if test else data.seed,
+    )
+    return _with_position_errors(scan, data.position_error)
+
+
+def _with_position_errors(scan: Scan, rms: float) -> Scan:
+    """The scan with random errors of ``rms`` pixels (both axes together) in its stored
+    positions, as an instrument's encoders make; the true positions are kept in
+    ``metadata["true_positions"]`` for the metrics."""
+    if not rms:
+        return scan
+    rng = np.random.default_rng([scan.seed or 0, 7])
+    error = rng.normal(0.0, rms / math.sqrt(2.0), (scan.n_positions, 2))
+    height, width = scan.object.shape
+    return scan.replace(
+        xcoords=np.clip(scan.xcoords + error[:, 0], 0, width - 1),
+        ycoords=np.clip(scan.ycoords + error[:, 1], 0, height - 1),
+        metadata={**scan.metadata, "true_positions": scan.positions},
     )
 
 
@@ -328,11 +345,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             "and rerun with resume=true"
         )
 
-    result, values = evaluation(model)
+    reconstructed = time.perf_counter()
+    result, values = network = evaluation(model)
+    _log_final(monitor, values, epochs_done)
+    refined = _refine_stage(cfg, test_scan, network, run_dir)
     trained = [h for h in monitor.history if h["epoch"] > initial_epoch]
     samples_per_s = float(np.median([h["samples_per_s"] for h in trained])) if trained else math.nan
     summary = {
-        **values,
+        **_stage_metrics(network, refined),
+        "seconds": time.perf_counter() - reconstructed,
         "epochs": epochs_done,
         "steps": int(model.optimizer.iterations.numpy()),
         "final_loss": monitor.history[-1]["loss"] if monitor.history else math.nan,
@@ -346,23 +367,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "precision": model_config.precision,
         "ptycho_version": __version__,
     }
-    _log_final(monitor, values, summary, epochs_done)
+    _log_speed(monitor, summary, epochs_done)
 
     save_model(model, run_dir / "model.keras")
-    save_reconstruction(result.obj, result.mask, run_dir / "reconstruction.npz")
-    save_reconstruction_png(
-        result.obj,
-        result.mask,
-        run_dir / "reconstruction.png",
-        title=_title(values, backend, mode),
-    )
+    title = _write_reconstruction(run_dir, test_scan, network, refined, backend, mode)
     write_json(summary, run_dir / "metrics.json")
-    log.info("%s", _title(values, backend, mode))
+    log.info("%s", title)
     log.info("wrote %s (%.0f s)", run_dir, summary["wall_seconds"])
     return summary
 
 
-def _log_final(monitor: TrainingMonitor, values: dict, summary: dict, epoch: int) -> None:
+def _log_final(monitor: TrainingMonitor, values: dict, epoch: int) -> None:
     import tensorflow as tf
 
     with monitor.writer.as_default(step=epoch):
@@ -370,6 +385,13 @@ def _log_final(monitor: TrainingMonitor, values: dict, summary: dict, epoch: int
             if math.isfinite(value):
                 tf.summary.scalar(f"test/{key}", value)
                 tf.summary.scalar(f"final/{key}", value)
+    monitor.writer.flush()
+
+
+def _log_speed(monitor: TrainingMonitor, summary: dict, epoch: int) -> None:
+    import tensorflow as tf
+
+    with monitor.writer.as_default(step=epoch):
         for key in ("samples_per_s", "steps_per_s"):
             if math.isfinite(summary[key]):
                 tf.summary.scalar(f"final/{key}", summary[key])
@@ -390,46 +412,111 @@ def _title(values: dict, backend: str, mode: str) -> str:
 
 
 def infer(cfg: DictConfig, run_dir: Path) -> dict:
-    """Reconstruct a scan with a trained model; write the reconstruction and metrics."""
+    """Reconstruct a scan with a trained model and/or the physics refinement; write the
+    reconstruction and metrics."""
     check_infer(cfg)
     run_dir = Path(run_dir)
     backend, mode = _value(cfg.translate.backend), _value(cfg.compile.mode)
-    try:
-        model = load_model(cfg.checkpoint, translate_backend=backend)
-    except Exception as error:  # noqa: BLE001 - any load failure is a bad checkpoint
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(
-            f"checkpoint={cfg.checkpoint}: cannot load the model ({message})"
-        ) from error
+    model = _load_checkpoint(cfg.checkpoint, backend) if cfg.checkpoint else None
     if _value(cfg.data.source) == "simulate":
-        n = int(model.get_layer("diffraction").output.shape[1])
+        n = int(model.get_layer("diffraction").output.shape[1]) if model else cfg.n
         scan = simulate_scan(cfg.data, n, test=True)
     else:
         scan = _load(cfg.data.path, cfg.data.probe_path)
-    try:
-        result, values = _evaluation(cfg, scan)(model)
-    except ScanMismatch as error:
-        raise DataError(f"{cfg.data.path or 'data'}: {error}") from error
+    started = time.perf_counter()
+    network = None
+    if model is not None:
+        try:
+            network = _evaluation(cfg, scan)(model)
+        except ScanMismatch as error:
+            raise DataError(f"{cfg.data.path or 'data'}: {error}") from error
+    refined = _refine_stage(cfg, scan, network, run_dir)
     summary = {
-        **values,
-        "patterns": result.patterns,
-        "patterns_per_s": result.patterns_per_s,
-        "seconds": result.seconds,
-        "traces": result.traces,
-        "checkpoint": str(cfg.checkpoint),
+        **_stage_metrics(network, refined),
+        "patterns": scan.n_positions,
+        "seconds": time.perf_counter() - started,
+        "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
         "translate": backend,
         "compile": mode,
     }
-    save_reconstruction(result.obj, result.mask, run_dir / "reconstruction.npz")
-    save_reconstruction_png(
-        result.obj, result.mask, run_dir / "reconstruction.png", title=_title(values, backend, mode)
-    )
+    if network is not None:
+        summary.update(patterns_per_s=network[0].patterns_per_s, traces=network[0].traces)
+    title = _write_reconstruction(run_dir, scan, network, refined, backend, mode)
     write_json(summary, run_dir / "metrics.json")
-    log.info(
-        "reconstructed %d patterns in %.1f s (%.0f patterns/s); %s",
-        result.patterns,
-        result.seconds,
-        result.patterns_per_s,
-        _title(values, backend, mode),
-    )
+    log.info("reconstructed %d patterns in %.1f s; %s", scan.n_positions, summary["seconds"], title)
     return summary
+
+
+def _load_checkpoint(path: str, backend: str) -> keras.Model:
+    try:
+        return load_model(path, translate_backend=backend)
+    except Exception as error:  # noqa: BLE001 - any load failure is a bad checkpoint
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"checkpoint={path}: cannot load the model ({message})") from error
+
+
+# --------------------------------------------------------------------------------------
+# Physics refinement (ptycho/refine.py) after the network, or alone
+# --------------------------------------------------------------------------------------
+
+
+def _refine_stage(cfg: DictConfig, scan: Scan, network, run_dir: Path):
+    """``(RefineResult, metrics)`` of ``refine=...`` started from the network's
+    reconstruction (or flat without one); None with ``refine=off``. Progress goes to
+    the terminal, TensorBoard (``refine/*`` in the run directory) and ``refine.png``."""
+    options = refine_options(cfg.refine)
+    if options.mode == "off":
+        return None
+    import tensorflow as tf
+
+    from ptycho.refine import refine
+
+    start = "the network's reconstruction" if network else "a flat object"
+    log.info("refine=%s from %s: %d iterations at most", options.mode, start, options.iterations)
+    writer = tf.summary.create_file_writer(str(run_dir))
+    try:
+        return refine(
+            scan,
+            options,
+            initial=network[0].obj if network else None,
+            backend=_value(cfg.translate.backend),
+            compile_mode=_value(cfg.compile.mode),
+            register=cfg.metrics.register,
+            remove_phase_ramp=cfg.metrics.remove_phase_ramp,
+            writer=writer,
+            curves_path=run_dir / "refine.png",
+        )
+    except FloatingPointError as error:
+        raise TrainingDiverged(str(error)) from error
+    finally:
+        writer.close()
+
+
+def _stage_metrics(network, refined) -> dict:
+    """The network's figures under their own names and the refinement's as
+    ``refined_*`` beside them; without a network the plain names are the refinement's
+    (the only stage)."""
+    out = dict(network[1]) if network else {}
+    if refined is not None:
+        result, values = refined
+        if network is None:
+            out.update(values)
+        out.update({f"refined_{key}": value for key, value in values.items()})
+        out.update(refine_iterations=result.iterations, refine_seconds=result.seconds)
+    return out
+
+
+def _write_reconstruction(run_dir: Path, scan: Scan, network, refined, backend, mode) -> str:
+    """``reconstruction.npz`` and ``.png`` of the last stage; returns the PNG's title."""
+    if refined is not None:
+        result, values = refined
+        positions = {"xcoords": result.xcoords, "ycoords": result.ycoords, "probe": result.probe}
+        label = f"refine={result.mode}"
+    else:
+        result, values = network
+        positions = {"xcoords": scan.xcoords, "ycoords": scan.ycoords}
+        label = ""
+    title = _title(values, backend, mode) + (f"  {label}" if label else "")
+    save_reconstruction(result.obj, result.mask, run_dir / "reconstruction.npz", **positions)
+    save_reconstruction_png(result.obj, result.mask, run_dir / "reconstruction.png", title=title)
+    return title

@@ -22,17 +22,22 @@ MODEL_CHOICES = {
     "object_output": ("patches", "group"),
     "precision": ("auto", "float32", "bfloat16"),
 }
+REFINE_MODES = ("off", "object", "positions", "full")
+REFINE_LOSSES = ("poisson", "amplitude")
 
 __all__ = [
     "MODEL_CHOICES",
+    "REFINE_MODES",
     "ConfigError",
     "DataConfig",
     "InferConfig",
     "ModelSection",
+    "RefineOptions",
     "TrainConfig",
     "TrainSection",
     "check_infer",
     "check_train",
+    "refine_options",
     "register_configs",
     "rollback_overrides",
 ]
@@ -112,6 +117,7 @@ class DataConfig:
     test_positions: int = 1600
     step: float = 0.0625
     jitter: float = 0.0
+    position_error: float = 0.0  # px rms of errors in the stored positions (truth kept)
     nphotons: Optional[float] = 1e9
     amplitude_range: List[float] = field(default_factory=lambda: [0.2, 1.0])
     phase_range: List[float] = field(default_factory=lambda: [-0.6, 0.6])
@@ -158,6 +164,71 @@ class TrainSection:
 
 
 @dataclass
+class RefineOptions:
+    """Physics refinement after the network, or alone (the ``refine`` section; see
+    ptycho/refine.py). Checked by :func:`refine_options`, not on composition."""
+
+    mode: str = "off"  # off | object | positions (object + positions) | full (+ probe)
+    iterations: int = 50  # passes over every scan position
+    max_seconds: Optional[float] = None  # stop after the iteration that crosses this
+    batch_size: int = 64  # positions per step
+    loss: str = "poisson"  # poisson | amplitude (Gaussian on sqrt(counts))
+    step: float = 1.0  # object step, in units of the preconditioned (Gauss-Newton) step
+    final_step: float = 0.02  # the cosine schedule ends at step * final_step
+    momentum: float = 0.8  # heavy-ball momentum of the object update
+    regularisation: float = 1.0  # delta: preconditioner sum|P|^2 + delta * max
+    truncation: float = 1.0  # Poisson gradient factor (1 - n/I) bounded below by -this
+    smoothness: float = 30.0  # weight of sum |grad O|^2 (a prior; counts units)
+    position_start: int = 5  # first iteration that moves positions
+    position_step: float = 0.3  # pixels per unit normalised gradient
+    max_position_step: float = 0.25  # pixels, per step
+    max_position_correction: float = 8.0  # pixels, in all
+    probe_start: int = 10  # first iteration that updates the probe (mode=full)
+    probe_step: float = 1.0
+    eval_every: int = 5  # iterations between progress lines / TensorBoard points
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.mode in REFINE_MODES, f"mode={self.mode}: one of {', '.join(REFINE_MODES)}"),
+            (self.loss in REFINE_LOSSES, f"loss={self.loss}: one of {', '.join(REFINE_LOSSES)}"),
+            (self.iterations >= 1, f"iterations={self.iterations}: must be >= 1"),
+            (
+                self.max_seconds is None or self.max_seconds > 0,
+                f"max_seconds={self.max_seconds}: must be > 0 or null",
+            ),
+            (self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1"),
+            (self.step > 0, f"step={self.step}: must be > 0"),
+            (0 < self.final_step <= 1, f"final_step={self.final_step}: must be in (0, 1]"),
+            (0 <= self.momentum < 1, f"momentum={self.momentum}: must be in [0, 1)"),
+            (self.regularisation > 0, f"regularisation={self.regularisation}: must be > 0"),
+            (self.truncation > 0, f"truncation={self.truncation}: must be > 0"),
+            (self.position_step > 0, f"position_step={self.position_step}: must be > 0"),
+            (
+                self.max_position_step > 0,
+                f"max_position_step={self.max_position_step}: must be > 0 (pixels)",
+            ),
+            (
+                self.max_position_correction > 0,
+                f"max_position_correction={self.max_position_correction}: must be > 0 (pixels)",
+            ),
+            (self.probe_step > 0, f"probe_step={self.probe_step}: must be > 0"),
+            (self.eval_every >= 1, f"eval_every={self.eval_every}: must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def refines_positions(self) -> bool:
+        return self.mode in ("positions", "full")
+
+    @property
+    def refines_probe(self) -> bool:
+        return self.mode == "full"
+
+
+@dataclass
 class MetricsSection:
     register: bool = True
     remove_phase_ramp: bool = False
@@ -171,6 +242,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    refine: RefineOptions = field(default_factory=RefineOptions)
     infer_batch_size: int = 64
     align_phase: bool = True
     resume: bool = False
@@ -183,6 +255,8 @@ class InferConfig:
     compile: CompileSection = field(default_factory=CompileSection)
     data: DataConfig = field(default_factory=DataConfig)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    refine: RefineOptions = field(default_factory=RefineOptions)
+    n: int = 64  # pattern size of a simulated scan when no checkpoint sets it
     infer_batch_size: int = 64
     align_phase: bool = True
 
@@ -229,6 +303,29 @@ def _check_backend(cfg) -> None:
         )
 
 
+def refine_options(section) -> RefineOptions:
+    """The composed ``refine`` section as checked :class:`RefineOptions`; ConfigError
+    names the field when a value is out of range."""
+    from omegaconf import OmegaConf
+
+    fields = OmegaConf.to_container(section) if OmegaConf.is_config(section) else dict(section)
+    try:
+        return RefineOptions(**fields)
+    except ValueError as error:
+        raise ConfigError(f"refine.{error}") from error
+
+
+def _check_refine(cfg) -> None:
+    mode = cfg.refine.mode
+    if mode in ("positions", "full") and _value(cfg.translate.backend) == "legacy":
+        raise ConfigError(
+            f"refine={mode} moves the scan positions through the warp's offset gradient, "
+            "which translate=legacy does not have: use translate=xla, or refine=object"
+        )
+    if mode != "off":
+        refine_options(cfg.refine)
+
+
 def _check_data_files(data) -> None:
     if _value(data.source) == "file":
         if not data.path:
@@ -244,6 +341,8 @@ def _check_data_files(data) -> None:
             raise ConfigError(f"data.nphotons={data.nphotons}: must be > 0, or null (noiseless)")
         if not 0 < data.step:
             raise ConfigError(f"data.step={data.step}: must be > 0 (fraction of N)")
+        if not data.position_error >= 0:
+            raise ConfigError(f"data.position_error={data.position_error}: must be >= 0 (pixels)")
 
 
 def check_train(cfg) -> None:
@@ -273,6 +372,7 @@ def check_train(cfg) -> None:
         raise ConfigError("train.poisson_weight and train.mae_weight must be >= 0, not both 0")
     if cfg.infer_batch_size < 1:
         raise ConfigError(f"infer_batch_size={cfg.infer_batch_size}: must be >= 1")
+    _check_refine(cfg)
     _check_data_files(data)
     if _value(data.source) == "simulate":
         groups = data.n_groups or data.n_positions
@@ -296,10 +396,16 @@ def check_train(cfg) -> None:
 def check_infer(cfg) -> None:
     """Checks of a composed infer config that need no TensorFlow; raise ConfigError."""
     _check_backend(cfg)
-    if not cfg.checkpoint:
-        raise ConfigError("checkpoint is required: infer.py checkpoint=outputs/<run>/model.keras")
-    if not Path(cfg.checkpoint).is_file():
+    _check_refine(cfg)
+    if not cfg.checkpoint and cfg.refine.mode == "off":
+        raise ConfigError(
+            "checkpoint is required: infer.py checkpoint=outputs/<run>/model.keras, or "
+            "refine=object for an iterative reconstruction without a network"
+        )
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file")
+    if cfg.n not in (64, 128, 256):
+        raise ConfigError(f"n={cfg.n}: must be 64, 128 or 256")
     if cfg.infer_batch_size < 1:
         raise ConfigError(f"infer_batch_size={cfg.infer_batch_size}: must be >= 1")
     _check_data_files(cfg.data)

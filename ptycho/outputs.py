@@ -79,13 +79,32 @@ def save_model(model, path: Path) -> Path:
     return Path(path)
 
 
-def save_reconstruction(obj: np.ndarray, mask: np.ndarray, path: Path) -> Path:
-    """``reconstruction.npz``: ``obj`` complex64, ``mask`` bool, ``amplitude``, ``phase``."""
+def save_reconstruction(
+    obj: np.ndarray,
+    mask: np.ndarray,
+    path: Path,
+    *,
+    xcoords: np.ndarray | None = None,
+    ycoords: np.ndarray | None = None,
+    probe: np.ndarray | None = None,
+) -> Path:
+    """``reconstruction.npz``: ``obj`` complex64, ``mask`` bool, ``amplitude``, ``phase``;
+    ``xcoords``, ``ycoords`` (float64, the positions used, in the scan's order) and
+    ``probe`` (complex64, when refined) when given."""
     obj = np.asarray(obj, np.complex64)
+    arrays = {
+        "obj": obj,
+        "mask": np.asarray(mask, bool),
+        "amplitude": np.abs(obj),
+        "phase": np.angle(obj),
+    }
+    if xcoords is not None and ycoords is not None:
+        arrays["xcoords"] = np.asarray(xcoords, np.float64)
+        arrays["ycoords"] = np.asarray(ycoords, np.float64)
+    if probe is not None:
+        arrays["probe"] = np.asarray(probe, np.complex64)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(
-            handle, obj=obj, mask=np.asarray(mask, bool), amplitude=np.abs(obj), phase=np.angle(obj)
-        )
+        np.savez(handle, **arrays)
     return Path(path)
 
 

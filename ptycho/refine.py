@@ -1,0 +1,572 @@
+"""Physics refinement: the object (and the scan positions, and the probe) fitted to the
+measured counts through the forward model (DESIGN.md section 7).
+
+The object is a canvas variable; patch j is cut out of it at ``position_j`` exactly as
+the simulator does (an integer window, then the sub-pixel remainder through the
+project's :func:`ptycho.warp.translate`), multiplied by the probe and propagated to the
+far field (section 3). The loss is the Poisson negative log-likelihood of the counts
+``a^2`` under the rates ``s |Psi|^2``, summed over a minibatch of positions; one step
+(gather, warp, FFT, loss, gradients, update) is one compiled function, XLA-compiled
+with ``compile_mode="jit"``. The offsets' gradient comes through the warp's sub-pixel
+shift, which is why position refinement needs ``backend="xla"``.
+
+Update rules (measured in ``benchmarks/refine.py``; see the README):
+
+- object: the gradient divided by ``4 (sum_batch |P_j|^2 + delta max)``, the
+  minibatch's illumination (the Gauss-Newton diagonal of the loss at the solution,
+  as ePIE and LSQML precondition); with step 1 near the solution this is the
+  projection onto the measured moduli, in parallel over the minibatch. The step
+  follows a cosine from ``step`` to ``final_step`` over the iterations, which removes
+  the minibatch noise of the last iterates.
+- positions: a normalised gradient step (RMS of each position's gradient), at most
+  ``max_position_step`` pixels per step, the corrections' mean held at zero (a common
+  shift of every position is unobservable) and each correction bounded by
+  ``max_position_correction``.
+- probe: the gradient divided by ``4 (sum_batch |o_j|^2 + delta max)``.
+
+Far from the solution the Poisson gradient ``(1 - n / I) Psi`` is unbounded where the
+model's intensity ``I`` is much smaller than the counts ``n``; below ``I = n / (1 +
+truncation)`` the loss is continued linearly (a truncated Poisson likelihood, as in
+truncated Wirtinger flow), so steps stay bounded. At the solution it is the Poisson
+likelihood itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from ptycho.config import REFINE_MODES, RefineOptions
+from ptycho.data.scan import Scan
+from ptycho.stitch import object_shape_for
+from ptycho.warp import translate
+
+__all__ = [
+    "REFINE_MODES",
+    "RefineOptions",
+    "RefineResult",
+    "Refiner",
+    "poisson_loss",
+    "refine",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefineResult:
+    """The refined object, the positions and probe used at the end, and the history."""
+
+    obj: np.ndarray  # (H, W) complex64, the positions' frame
+    mask: np.ndarray  # (H, W) bool, illuminated pixels
+    xcoords: np.ndarray  # (M,) float64, in the scan's order
+    ycoords: np.ndarray
+    probe: np.ndarray  # (N, N) complex64, in the scan's units
+    iterations: int
+    mode: str
+    seconds: float  # refinement steps and their progress passes, not truth metrics
+    r_factor: float
+    poisson_nll: float
+    history: list = field(default_factory=list)
+
+
+def poisson_loss(intensity, counts, truncation: float):
+    """Per-pixel Poisson NLL ``I - n log I`` of counts ``n`` under rates ``I`` (no
+    ``log n!``), continued linearly below ``I_c = n / (1 + truncation)`` so that its
+    gradient ``1 - n / I`` never falls below ``-truncation``. Equal to the Poisson NLL
+    wherever ``I >= I_c`` (in particular at and near the solution ``I = n``)."""
+    tiny = 1e-12
+    cut = counts / (1.0 + truncation)
+    safe = tf.maximum(intensity, cut + tiny)
+    exact = safe - counts * tf.math.log(safe + tiny)
+    slope = 1.0 - counts / (cut + tiny)
+    return exact + tf.where(intensity < cut, slope * (intensity - cut), tf.zeros_like(intensity))
+
+
+def amplitude_loss(intensity, counts):
+    """Gaussian likelihood on amplitudes, ``2 (|Psi| - sqrt(n))^2`` (the factor 2 gives
+    it the Poisson loss's curvature at the solution, so one step size serves both)."""
+    return 2.0 * (tf.sqrt(intensity + 1e-12) - tf.sqrt(counts)) ** 2
+
+
+def _roughness(canvas):
+    """``sum |O(r + e_x) - O(r)|^2 + |O(r + e_y) - O(r)|^2`` of an (H, W, 2) canvas."""
+    across = canvas[:, 1:] - canvas[:, :-1]
+    down = canvas[1:] - canvas[:-1]
+    return tf.reduce_sum(across**2) + tf.reduce_sum(down**2)
+
+
+def _cosine(step: float, final: float, fraction: float) -> float:
+    return step * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0))))
+
+
+class Refiner:
+    """The variables and compiled steps of one refinement.
+
+    Parameters
+    ----------
+    scan : Scan
+        Measured amplitudes, probe and (initial) positions.
+    options : RefineOptions
+    initial : (H, W) complex, optional
+        Starting object in the positions' frame (e.g. the network's stitched output:
+        pixels it did not cover take its mean); None starts flat (1 + 0j).
+    shape : (H, W), optional
+        Object frame; default ``initial``'s, else the ground truth's, else just large
+        enough for every patch.
+    backend : {"xla", "legacy"}
+        Warp of the patch extraction; positions need ``"xla"``.
+    compile_mode : {"jit", "graph", "eager"}
+    """
+
+    def __init__(
+        self,
+        scan: Scan,
+        options: RefineOptions,
+        *,
+        initial: np.ndarray | None = None,
+        shape: tuple[int, int] | None = None,
+        backend: str = "xla",
+        compile_mode: str = "jit",
+    ):
+        if options.mode == "off":
+            raise ValueError("mode=off: nothing to refine")
+        if backend == "legacy" and options.refines_positions:
+            raise ValueError(
+                f"mode={options.mode} needs the offsets' gradient, which translate=legacy "
+                "does not have: use translate=xla"
+            )
+        if backend == "legacy" and compile_mode == "jit":
+            raise ValueError("translate=legacy cannot run with compile=jit")
+        self.scan, self.options, self.backend = scan, options, backend
+        n, m = scan.n, scan.n_positions
+        self.n = n
+        if shape is None:
+            if initial is not None:
+                shape = initial.shape
+            elif scan.object is not None:
+                shape = scan.object.shape
+            else:
+                shape = object_shape_for(scan.xcoords, scan.ycoords, n)
+        self.shape = (int(shape[0]), int(shape[1]))
+        # A margin around the frame so that patches moved by position corrections (and
+        # their bilinear taps) stay inside the canvas.
+        self.pad = int(math.ceil(options.max_position_correction)) + 2
+        self.batch_size = min(options.batch_size, m)
+        height, width = self.shape[0] + 2 * self.pad, self.shape[1] + 2 * self.pad
+
+        start = np.ones((height, width), np.complex64)
+        if initial is not None:
+            initial = np.asarray(initial, np.complex64)
+            if initial.shape != self.shape:
+                raise ValueError(f"initial object is {initial.shape}, the frame {self.shape}")
+            filled = initial != 0
+            fill = initial[filled].mean() if filled.any() else 1.0
+            start[:] = fill
+            inner = start[self.pad : self.pad + self.shape[0], self.pad : self.pad + self.shape[1]]
+            inner[filled] = initial[filled]
+        self.canvas = tf.Variable(np.stack([start.real, start.imag], -1).astype(np.float32))
+        self.velocity = tf.Variable(tf.zeros_like(self.canvas))
+        self.counts = tf.constant(np.square(scan.diffraction, dtype=np.float32))
+        self.base = tf.constant(
+            np.stack([scan.xcoords, scan.ycoords], 1).astype(np.float32) + self.pad
+        )
+        self.correction = tf.Variable(tf.zeros((m, 2)))
+        self.position_rms = tf.Variable(tf.zeros((m,)))
+        probe = np.asarray(scan.probe, np.complex64)
+        self.probe = tf.Variable(np.stack([probe.real, probe.imag], -1).astype(np.float32))
+        # The counts' scale s (photons per unit |Psi|^2) is folded into the probe: fitted
+        # once so that the starting object predicts the measured total (below).
+        self.probe_units = 1.0
+        # The loss of a perfect fit (I = n), so that the reported loss is 0 there.
+        counts = np.square(scan.diffraction, dtype=np.float64)
+        self._saturated = (
+            float(np.sum(counts - counts * np.log(np.where(counts > 0, counts, 1.0))))
+            if options.loss == "poisson"
+            else 0.0
+        )
+        jit = compile_mode == "jit"
+        wrap = (
+            (lambda f: f)
+            if compile_mode == "eager"
+            else (lambda f: tf.function(f, jit_compile=jit, autograph=False))
+        )
+        self._step = wrap(self._step_impl)
+        self._forward = wrap(self._forward_impl)
+        self._fit_probe_scale()
+
+    # ----------------------------------------------------------------------------------
+    # The forward model on a minibatch
+    # ----------------------------------------------------------------------------------
+
+    def _windows(self, index):
+        """(B, N + 1, N + 1, 2) gather indices of the windows of positions ``index`` and
+        their sub-pixel remainders [fx, fy] (B, 2), from the current positions."""
+        n = self.n
+        positions = tf.gather(self.base, index) + tf.gather(self.correction, index)
+        corner = positions - n / 2
+        whole = tf.floor(corner)
+        fraction = corner - whole
+        whole = tf.cast(whole, tf.int32)
+        span = tf.range(n + 1)
+        rows = whole[:, 1:2] + span[None]
+        cols = whole[:, 0:1] + span[None]
+        size = tf.shape(index)[0]
+        indices = tf.stack(
+            [
+                tf.broadcast_to(rows[:, :, None], (size, n + 1, n + 1)),
+                tf.broadcast_to(cols[:, None, :], (size, n + 1, n + 1)),
+            ],
+            axis=-1,
+        )
+        return indices, positions, fraction
+
+    def _patches(self, canvas, indices, fraction):
+        """(B, N, N) complex patches: window gathered, then shifted by the remainder."""
+        n = self.n
+        windows = tf.gather_nd(tf.convert_to_tensor(canvas), indices)
+        shifted = translate(windows, -fraction, backend=self.backend)[:, :n, :n]
+        return tf.complex(shifted[..., 0], shifted[..., 1])
+
+    def _intensity(self, probe, patches):
+        n = self.n
+        wave = tf.complex(probe[..., 0], probe[..., 1])[None] * patches
+        far = tf.signal.fftshift(tf.signal.fft2d(wave), axes=(-2, -1)) / n
+        return tf.math.real(far) ** 2 + tf.math.imag(far) ** 2
+
+    def _loss(self, intensity, counts):
+        if self.options.loss == "amplitude":
+            return amplitude_loss(intensity, counts)
+        return poisson_loss(intensity, counts, self.options.truncation)
+
+    def _forward_impl(self, index):
+        """Per position of the minibatch (B, 6): sums of the loss, the Poisson NLL,
+        |sqrt(I) - a|, a, I and the counts."""
+        indices, _, fraction = self._windows(index)
+        intensity = self._intensity(
+            tf.convert_to_tensor(self.probe), self._patches(self.canvas, indices, fraction)
+        )
+        counts = tf.gather(self.counts, index)
+        terms = [
+            self._loss(intensity, counts),
+            intensity - counts * tf.math.log(intensity + 1e-12),
+            tf.abs(tf.sqrt(intensity) - tf.sqrt(counts)),
+            tf.sqrt(counts),
+            intensity,
+            counts,
+        ]
+        return tf.stack([tf.reduce_sum(term, axis=(1, 2)) for term in terms], axis=1)
+
+    def _step_impl(self, index, object_step, position_step, probe_step):
+        """One minibatch update of every variable being refined (steps 0 leave one
+        alone); returns the minibatch's loss."""
+        options, n = self.options, self.n
+        indices, _, fraction = self._windows(index)
+        counts = tf.gather(self.counts, index)
+        size = tf.shape(index)[0]
+        canvas = tf.identity(self.canvas)
+        probe = tf.identity(self.probe)
+        with tf.GradientTape() as tape:
+            tape.watch([canvas, probe, fraction])
+            patches = self._patches(canvas, indices, fraction)
+            loss = tf.reduce_sum(self._loss(self._intensity(probe, patches), counts))
+            if options.smoothness:
+                fraction_of_scan = tf.cast(size, tf.float32) / self.scan.n_positions
+                loss += options.smoothness * fraction_of_scan * _roughness(canvas)
+        grad_canvas, grad_probe, grad_fraction = tape.gradient(loss, [canvas, probe, fraction])
+
+        # Object: preconditioned by the minibatch's illumination.
+        weight = tf.pad(tf.reduce_sum(probe**2, -1), [[0, 1], [0, 1]])
+        illumination = tf.tensor_scatter_nd_add(
+            tf.zeros(tf.shape(canvas)[:2]), indices, tf.broadcast_to(weight, (size, n + 1, n + 1))
+        )
+        denominator = 4.0 * (illumination + options.regularisation * tf.reduce_max(weight))
+        update = object_step * tf.convert_to_tensor(grad_canvas) / denominator[..., None]
+        self.velocity.assign(options.momentum * self.velocity + update)
+        self.canvas.assign_sub(self.velocity)
+
+        # Positions: d loss / d position = d loss / d fraction (the integer part only
+        # picks the window; within it the remainder moves with the position).
+        gradient = grad_fraction
+        power = tf.reduce_sum(gradient**2, -1)
+        rms = tf.gather(self.position_rms, index)
+        rms = tf.where(rms > 0, 0.9 * rms + 0.1 * power, power)
+        self.position_rms.scatter_nd_update(index[:, None], rms)
+        move = -position_step * gradient / (tf.sqrt(rms)[:, None] + 1e-12)
+        move = tf.clip_by_value(move, -options.max_position_step, options.max_position_step)
+        self.correction.scatter_nd_add(index[:, None], move)
+        correction = self.correction - tf.reduce_mean(self.correction, axis=0, keepdims=True)
+        limit = options.max_position_correction
+        self.correction.assign(tf.clip_by_value(correction, -limit, limit))
+
+        # Probe: preconditioned by the minibatch's object intensity.
+        object_power = tf.reduce_sum(tf.math.real(patches) ** 2 + tf.math.imag(patches) ** 2, 0)
+        mean_power = tf.reduce_max(object_power) / tf.cast(size, tf.float32)
+        probe_denominator = 4.0 * (object_power + options.regularisation * mean_power)
+        self.probe.assign_sub(probe_step * grad_probe / probe_denominator[..., None])
+        return loss
+
+    # ----------------------------------------------------------------------------------
+    # Driving the steps
+    # ----------------------------------------------------------------------------------
+
+    def _batches(self, order: np.ndarray):
+        """Fixed-size minibatches covering ``order``; the last is topped up from the
+        start of ``order`` (so every step has one shape and compiles once)."""
+        size = self.batch_size
+        count = math.ceil(len(order) / size)
+        padded = np.concatenate([order, order[: count * size - len(order)]]).astype(np.int32)
+        return [tf.constant(padded[k * size : (k + 1) * size]) for k in range(count)]
+
+    def totals(self) -> np.ndarray:
+        """Sums over every position: loss, Poisson NLL, |sqrt(I) - a|, a, I, counts."""
+        m = self.scan.n_positions
+        out = np.zeros(6)
+        for k, index in enumerate(self._batches(np.arange(m))):
+            valid = min(self.batch_size, m - k * self.batch_size)
+            out += self._forward(index).numpy()[:valid].astype(np.float64).sum(0)
+        return out
+
+    def _fit_probe_scale(self) -> None:
+        """Scale the probe so the starting object predicts the measured total counts."""
+        *_, intensity, counts = self.totals()
+        if not (intensity > 0 and counts > 0):
+            raise ValueError("the starting object and probe predict no intensity")
+        factor = math.sqrt(counts / intensity)
+        self.probe.assign(self.probe * factor)
+        self.probe_units *= factor
+
+    def positions(self) -> np.ndarray:
+        """(M, 2) current positions [x, y] in the object frame."""
+        return (self.base + self.correction).numpy().astype(np.float64) - self.pad
+
+    def current_probe(self) -> np.ndarray:
+        """(N, N) complex64 probe in the scan's units (the fitted count scale removed)."""
+        probe = self.probe.numpy() / self.probe_units
+        return (probe[..., 0] + 1j * probe[..., 1]).astype(np.complex64)
+
+    def current_object(self) -> tuple[np.ndarray, np.ndarray]:
+        """(object, mask) in the frame: pixels no position illuminates (summed |P|^2
+        below 1e-3 of its maximum) are 0 and False."""
+        canvas = self.canvas.numpy()
+        pad, (height, width) = self.pad, self.shape
+        obj = (canvas[..., 0] + 1j * canvas[..., 1])[pad : pad + height, pad : pad + width]
+        weight = np.abs(self.current_probe()) ** 2
+        coverage = np.zeros((height + 2 * pad, width + 2 * pad))
+        n = self.n
+        for x, y in np.rint(self.positions() + pad - n / 2).astype(np.int64):
+            coverage[y : y + n, x : x + n] += weight
+        coverage = coverage[pad : pad + height, pad : pad + width]
+        mask = coverage > 1e-3 * weight.max()
+        return np.where(mask, obj, 0).astype(np.complex64), mask
+
+    def run(self, *, score=None, true_positions=None, on_record=None) -> RefineResult:
+        """Refine for ``options.iterations`` (or until ``options.max_seconds``).
+
+        ``score(obj) -> dict`` adds ground-truth metrics to the progress records (its
+        time is not counted); ``true_positions`` (M, 2) adds the rms position error
+        after removing the common shift; ``on_record(record)`` receives each record
+        (iteration, seconds, loss, r_factor, ...), every ``options.eval_every``
+        iterations and at the end.
+        """
+        options = self.options
+        rng = np.random.default_rng(options.seed)
+        history, seconds, done = [], 0.0, 0
+        started = time.perf_counter()
+        history.append(self._record(0, 0.0, score, true_positions))
+        history[-1].pop("_pass_seconds")
+        if on_record:
+            on_record(history[-1])
+        for iteration in range(options.iterations):
+            begin = time.perf_counter()
+            fraction = iteration / options.iterations
+            object_step = _cosine(options.step, options.final_step, fraction)
+            position_step = probe_step = 0.0
+            if options.refines_positions and iteration >= options.position_start:
+                position_step = _cosine(options.position_step, options.final_step, fraction)
+            if options.refines_probe and iteration >= options.probe_start:
+                probe_step = _cosine(options.probe_step, options.final_step, fraction)
+            steps = (tf.constant(object_step), tf.constant(position_step), tf.constant(probe_step))
+            loss = 0.0
+            for index in self._batches(rng.permutation(self.scan.n_positions)):
+                loss = self._step(index, *steps)
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(
+                    f"the refinement diverged at iteration {iteration + 1} (loss {float(loss)}); "
+                    "lower refine.step"
+                )
+            seconds += time.perf_counter() - begin
+            done = iteration + 1
+            out_of_time = options.max_seconds is not None and seconds >= options.max_seconds
+            if done % options.eval_every == 0 or done == options.iterations or out_of_time:
+                begin = time.perf_counter()
+                record = self._record(done, seconds, score, true_positions)
+                seconds += record.pop("_pass_seconds")
+                record["seconds"] = seconds
+                history.append(record)
+                if on_record:
+                    on_record(record)
+            if out_of_time:
+                break
+        obj, mask = self.current_object()
+        positions = self.positions()
+        final = history[-1]
+        wall = time.perf_counter() - started
+        log.debug("refinement: %d iterations, %.1f s (%.1f s with metrics)", done, seconds, wall)
+        return RefineResult(
+            obj=obj,
+            mask=mask,
+            xcoords=positions[:, 0],
+            ycoords=positions[:, 1],
+            probe=self.current_probe(),
+            iterations=done,
+            mode=options.mode,
+            seconds=seconds,
+            r_factor=final["r_factor"],
+            poisson_nll=final["poisson_nll"],
+            history=history,
+        )
+
+    def _record(self, iteration: int, seconds: float, score, true_positions) -> dict:
+        begin = time.perf_counter()
+        loss, nll, abs_error, measured, _, _ = self.totals()
+        pixels = self.scan.n_positions * self.n * self.n
+        record = {
+            "iteration": iteration,
+            "seconds": seconds,
+            "loss": (loss - self._saturated) / pixels,
+            "r_factor": abs_error / measured if measured > 0 else math.nan,
+            "poisson_nll": nll / pixels,
+            "_pass_seconds": time.perf_counter() - begin,
+        }
+        if true_positions is not None:
+            error = self.positions() - np.asarray(true_positions, np.float64)
+            error -= error.mean(axis=0)
+            record["position_rmse"] = float(np.sqrt(np.mean(np.sum(error**2, axis=1))))
+        if score is not None:
+            record.update(score(self.current_object()[0]))
+        return record
+
+
+# --------------------------------------------------------------------------------------
+# A refinement as the applications run it: progress, TensorBoard, curves, metrics
+# --------------------------------------------------------------------------------------
+
+
+def refine(
+    scan: Scan,
+    options: RefineOptions,
+    *,
+    initial: np.ndarray | None = None,
+    backend: str = "xla",
+    compile_mode: str = "jit",
+    register: bool = True,
+    remove_phase_ramp: bool = False,
+    writer=None,
+    curves_path=None,
+    stream=None,
+) -> tuple[RefineResult, dict]:
+    """Refine ``scan``'s object (from ``initial`` or flat) and score the result.
+
+    Progress goes to ``stream`` (a bar on a terminal, lines otherwise) and, with a
+    ``tf.summary`` ``writer``, to TensorBoard as ``refine/*`` scalars per iteration;
+    ``curves_path`` gets the PNG of the progress records. Ground-truth metrics (and the
+    position error, when ``scan.metadata`` holds ``true_positions``) are added when the
+    scan has them. Returns the result and its metrics (the keys of
+    :func:`ptycho.inference.scored`, plus ``position_rmse`` when known).
+    """
+    from ptycho import metrics
+    from ptycho.inference import scan_region
+    from ptycho.progress import Progress
+
+    truth_positions = scan.metadata.get("true_positions")
+    score = None
+    if scan.object is not None:
+        region = scan_region(scan)
+
+        def score(obj):
+            return metrics.compare(
+                scan.object,
+                obj,
+                region=region,
+                register=register,
+                remove_phase_ramp=remove_phase_ramp,
+            )
+
+    refiner = Refiner(scan, options, initial=initial, backend=backend, compile_mode=compile_mode)
+    progress = Progress(options.iterations, f"refine={options.mode}", stream=stream)
+
+    def on_record(record):
+        progress.update(record["iteration"], _progress_text(record))
+        if writer is not None:
+            with writer.as_default(step=record["iteration"]):
+                for key, value in record.items():
+                    if key != "iteration" and math.isfinite(value):
+                        tf.summary.scalar(f"refine/{key}", value)
+
+    try:
+        result = refiner.run(score=score, true_positions=truth_positions, on_record=on_record)
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.flush()
+    final = dict(result.history[-1])
+    values = {key: final.pop(key) for key in ("r_factor", "poisson_nll")}
+    values.update({k: v for k, v in final.items() if k not in ("iteration", "seconds", "loss")})
+    if curves_path is not None:
+        save_curves(result.history, curves_path, title=f"refine={options.mode}")
+    return result, values
+
+
+def _progress_text(record: dict) -> str:
+    parts = [f"{record['seconds']:.1f} s", f"R {record['r_factor']:.4f}"]
+    for key, label in (("amp_ssim", "amp SSIM"), ("phase_ssim", "phase SSIM")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.3f}")
+    if "position_rmse" in record:
+        parts.append(f"position error {record['position_rmse']:.2f} px")
+    return ", ".join(parts)
+
+
+def save_curves(history: list, path, *, title: str = ""):
+    """PNG of a refinement's progress records against iterations: R-factor, ground-truth
+    SSIM when known, position error when known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptycho.outputs import atomic_path
+
+    iterations = [r["iteration"] for r in history]
+    panels = [("r_factor", "R-factor")]
+    if any("amp_ssim" in r for r in history):
+        panels.append(("ssim", "SSIM"))
+    if any("position_rmse" in r for r in history):
+        panels.append(("position_rmse", "position error (px rms)"))
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 3.6), constrained_layout=True, squeeze=False
+    )
+    for axis, (key, label) in zip(axes[0], panels, strict=True):
+        if key == "ssim":
+            for name in ("amp_ssim", "phase_ssim"):
+                if any(name in r for r in history):
+                    values = [r.get(name, math.nan) for r in history]
+                    axis.plot(iterations, values, "o-", label=name)
+            axis.legend()
+        else:
+            axis.plot(iterations, [r[key] for r in history], "o-")
+        axis.set_xlabel("iteration")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    seconds = history[-1]["seconds"]
+    figure.suptitle(f"{title}  ({iterations[-1]} iterations, {seconds:.1f} s)")
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    return path

@@ -463,7 +463,7 @@ def _load_checkpoint(path: str, backend: str) -> keras.Model:
 def _refine_stage(cfg: DictConfig, scan: Scan, network, run_dir: Path):
     """``(RefineResult, metrics)`` of ``refine=...`` started from the network's
     reconstruction (or flat without one); None with ``refine=off``. Progress goes to
-    the terminal, TensorBoard (``refine/*`` in the run directory) and ``refine.png``."""
+    the terminal, TensorBoard (``refine/*`` in ``tb/``) and ``refine.png``."""
     options = refine_options(cfg.refine)
     if options.mode == "off":
         return None
@@ -473,7 +473,7 @@ def _refine_stage(cfg: DictConfig, scan: Scan, network, run_dir: Path):
 
     start = "the network's reconstruction" if network else "a flat object"
     log.info("refine=%s from %s: %d iterations at most", options.mode, start, options.iterations)
-    writer = tf.summary.create_file_writer(str(run_dir))
+    writer = tf.summary.create_file_writer(str(run_dir / "tb"))
     try:
         return refine(
             scan,

@@ -185,6 +185,14 @@ class Refiner:
         self.probe_units = 1.0
         # The loss of a perfect fit (I = n), so that the reported loss is 0 there.
         counts = np.square(scan.diffraction, dtype=np.float64)
+        per_pattern = float(counts.sum()) / m
+        if options.loss == "poisson" and per_pattern < 1000:
+            log.warning(
+                "the patterns hold %.3g counts each on average: the Poisson likelihood and "
+                "refine.smoothness assume photon counts (amplitudes sqrt(counts)); for "
+                "normalised amplitudes use refine.loss=amplitude refine.smoothness=0",
+                per_pattern,
+            )
         self._saturated = (
             float(np.sum(counts - counts * np.log(np.where(counts > 0, counts, 1.0))))
             if options.loss == "poisson"
@@ -262,23 +270,39 @@ class Refiner:
         ]
         return tf.stack([tf.reduce_sum(term, axis=(1, 2)) for term in terms], axis=1)
 
-    def _step_impl(self, index, object_step, position_step, probe_step):
-        """One minibatch update of every variable being refined (steps 0 leave one
-        alone); returns the minibatch's loss."""
-        options, n = self.options, self.n
+    def gradients(self, index, canvas=None, probe=None):
+        """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
+        the probe (N, N, 2) and the positions of ``index`` (B, 2) [x, y], at the
+        current variables (or at the ``canvas`` / ``probe`` given)."""
+        options = self.options
         indices, _, fraction = self._windows(index)
         counts = tf.gather(self.counts, index)
-        size = tf.shape(index)[0]
-        canvas = tf.identity(self.canvas)
-        probe = tf.identity(self.probe)
+        canvas = tf.identity(self.canvas if canvas is None else canvas)
+        probe = tf.identity(self.probe if probe is None else probe)
         with tf.GradientTape() as tape:
             tape.watch([canvas, probe, fraction])
             patches = self._patches(canvas, indices, fraction)
             loss = tf.reduce_sum(self._loss(self._intensity(probe, patches), counts))
             if options.smoothness:
-                fraction_of_scan = tf.cast(size, tf.float32) / self.scan.n_positions
-                loss += options.smoothness * fraction_of_scan * _roughness(canvas)
-        grad_canvas, grad_probe, grad_fraction = tape.gradient(loss, [canvas, probe, fraction])
+                share = tf.cast(tf.shape(index)[0], tf.float32) / self.scan.n_positions
+                loss += options.smoothness * share * _roughness(canvas)
+        # d loss / d position = d loss / d fraction: the integer part only picks the
+        # window; within it the remainder moves with the position.
+        sources = [canvas, probe, fraction]
+        grads = tape.gradient(loss, sources)  # the legacy warp has none for ``fraction``
+        grads = [
+            tf.zeros_like(s) if g is None else tf.convert_to_tensor(g)
+            for s, g in zip(sources, grads, strict=True)
+        ]
+        return loss, grads, (indices, patches)
+
+    def _step_impl(self, index, object_step, position_step, probe_step):
+        """One minibatch update of every variable being refined (steps 0 leave one
+        alone); returns the minibatch's loss."""
+        options, n = self.options, self.n
+        size = tf.shape(index)[0]
+        loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(index)
+        canvas, probe = tf.convert_to_tensor(self.canvas), tf.convert_to_tensor(self.probe)
 
         # Object: preconditioned by the minibatch's illumination.
         weight = tf.pad(tf.reduce_sum(probe**2, -1), [[0, 1], [0, 1]])
@@ -286,13 +310,11 @@ class Refiner:
             tf.zeros(tf.shape(canvas)[:2]), indices, tf.broadcast_to(weight, (size, n + 1, n + 1))
         )
         denominator = 4.0 * (illumination + options.regularisation * tf.reduce_max(weight))
-        update = object_step * tf.convert_to_tensor(grad_canvas) / denominator[..., None]
+        update = object_step * grad_canvas / denominator[..., None]
         self.velocity.assign(options.momentum * self.velocity + update)
         self.canvas.assign_sub(self.velocity)
 
-        # Positions: d loss / d position = d loss / d fraction (the integer part only
-        # picks the window; within it the remainder moves with the position).
-        gradient = grad_fraction
+        # Positions: a normalised step per position.
         power = tf.reduce_sum(gradient**2, -1)
         rms = tf.gather(self.position_rms, index)
         rms = tf.where(rms > 0, 0.9 * rms + 0.1 * power, power)

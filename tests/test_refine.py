@@ -1,0 +1,247 @@
+"""Physics refinement (ptycho/refine.py): the loss against a numpy forward model, its
+gradients against finite differences, fixed points and recovery on small simulations,
+refusals, and the application's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import tensorflow as tf
+
+from ptycho import app, metrics
+from ptycho.config import RefineOptions
+from ptycho.data import simulate
+from ptycho.errors import ConfigError
+from ptycho.inference import scan_region
+from ptycho.refine import Refiner
+from tests.conftest import compose_config as make_config
+
+N = 32
+
+
+def small_scan(nphotons=None, **changes):
+    settings = dict(
+        n=N,
+        n_positions=64,
+        object_kind="grf",
+        probe="fresnel",
+        probe_radius=0.3,
+        scan="grid",
+        step=0.25,
+        jitter=0.02,
+        phase_range=(-0.5, 0.5),
+        nphotons=nphotons,
+        seed=4,
+    )
+    return simulate(**{**settings, **changes})
+
+
+def options(**changes) -> RefineOptions:
+    return RefineOptions(**{"mode": "object", "smoothness": 0.0, **changes})
+
+
+def amp_ssim(scan, obj) -> float:
+    return metrics.compare(scan.object, obj, region=scan_region(scan))["amp_ssim"]
+
+
+def numpy_loss(refiner: Refiner, index: np.ndarray) -> float:
+    """The truncated Poisson loss of positions ``index``, from bilinear patches cut with
+    scipy and the unitary numpy FFT (DESIGN.md section 3)."""
+    canvas = refiner.canvas.numpy().astype(np.float64)
+    obj = canvas[..., 0] + 1j * canvas[..., 1]
+    probe = refiner.probe.numpy().astype(np.float64)
+    probe = probe[..., 0] + 1j * probe[..., 1]
+    positions = refiner.positions() + refiner.pad
+    counts = np.square(refiner.scan.diffraction.astype(np.float64))
+    cut_factor = 1.0 + refiner.options.truncation
+    total = 0.0
+    for j in index:
+        x, y = positions[j]
+        rows = y - N / 2 + np.arange(N)
+        cols = x - N / 2 + np.arange(N)
+        grid = np.meshgrid(rows, cols, indexing="ij")
+        patch = scipy.ndimage.map_coordinates(obj.real, grid, order=1) + 1j * (
+            scipy.ndimage.map_coordinates(obj.imag, grid, order=1)
+        )
+        far = np.fft.fftshift(np.fft.fft2(probe * patch)) / N
+        intensity = np.abs(far) ** 2
+        n = counts[j]
+        cut = n / cut_factor
+        safe = np.maximum(intensity, cut)
+        exact = safe - n * np.log(np.where(safe > 0, safe, 1.0))
+        linear = np.where(intensity < cut, (1 - cut_factor) * (intensity - cut), 0.0)
+        total += float(np.sum(exact + linear))
+    share = len(index) / refiner.scan.n_positions
+    roughness = np.sum(np.diff(canvas, axis=0) ** 2) + np.sum(np.diff(canvas, axis=1) ** 2)
+    return total + refiner.options.smoothness * share * float(roughness)
+
+
+def test_the_minibatch_loss_is_the_poisson_likelihood_of_a_numpy_forward_model():
+    scan = small_scan(nphotons=1e5)
+    rng = np.random.default_rng(0)
+    start = scan.object * np.exp(0.3j) * 0.8 + 0.05 * rng.normal(size=scan.object.shape)
+    refiner = Refiner(scan, options(batch_size=8), initial=start, compile_mode="eager")
+    index = np.array([0, 5, 9, 17, 30, 41, 50, 63], np.int32)
+    loss, _, _ = refiner.gradients(tf.constant(index))
+    assert float(loss) == pytest.approx(numpy_loss(refiner, index), rel=2e-5)
+
+
+def test_gradients_match_finite_differences():
+    """Object, probe and positions (through the warp's offset gradient), with the
+    smoothness prior on, against central differences of the float64 numpy model."""
+    scan = small_scan(nphotons=1e4)
+    rng = np.random.default_rng(1)
+    start = scan.object * 0.9 + 0.05 * rng.normal(size=scan.object.shape)
+    refiner = Refiner(
+        scan, options(batch_size=4, smoothness=5.0), initial=start, compile_mode="eager"
+    )
+    # Positions whose sub-pixel remainders are away from 0 and 1 (no window change).
+    fractions = (refiner.positions() - N / 2) % 1.0
+    inner = np.flatnonzero(np.all((fractions > 0.1) & (fractions < 0.9), axis=1))[:4]
+    index = tf.constant(inner.astype(np.int32))
+    _, (grad_canvas, grad_probe, grad_positions), _ = refiner.gradients(index)
+
+    def central(variable, change):
+        saved = variable.numpy()
+        values = []
+        for sign in (1, -1):
+            variable.assign(saved + sign * change)
+            values.append(numpy_loss(refiner, inner))
+        variable.assign(saved)
+        return values[0] - values[1]
+
+    for variable, gradient in ((refiner.canvas, grad_canvas), (refiner.probe, grad_probe)):
+        direction = rng.normal(size=variable.shape)
+        eps = 1e-3 * float(np.abs(variable.numpy()).max())
+        numeric = central(variable, eps * direction) / (2 * eps)
+        analytic = float(np.sum(gradient.numpy() * direction))
+        assert analytic == pytest.approx(numeric, rel=1e-2)
+
+    eps = 1e-2  # pixels; the loss is smooth while the remainder stays in (0, 1)
+    for row, j in enumerate(inner):
+        for axis in (0, 1):
+            change = np.zeros((scan.n_positions, 2))
+            change[j, axis] = eps
+            numeric = central(refiner.correction, change) / (2 * eps)
+            assert float(grad_positions.numpy()[row, axis]) == pytest.approx(numeric, rel=1e-2)
+
+
+def test_refinement_from_the_truth_stays_at_the_truth():
+    scan = small_scan()
+    refiner = Refiner(scan, options(iterations=10, batch_size=16), initial=scan.object)
+    result = refiner.run()
+    assert result.r_factor < 0.01
+    assert amp_ssim(scan, result.obj) > 0.995
+    obj, mask = result.obj, result.mask
+    region = scan_region(scan)
+    error = np.abs(obj[region] - scan.object[region])[mask[region]]
+    assert float(np.median(error)) < 0.01
+
+
+def test_a_flat_start_reconstructs_the_object():
+    """A complete iterative reconstruction: from amplitude 1, phase 0."""
+    scan = small_scan(nphotons=1e7)
+    result = Refiner(scan, RefineOptions(mode="object", iterations=40, batch_size=16)).run()
+    assert amp_ssim(scan, result.obj) > 0.9
+    assert result.history[-1]["r_factor"] < 0.5 * result.history[0]["r_factor"]
+
+
+def test_known_position_errors_are_recovered():
+    scan = small_scan()
+    rng = np.random.default_rng(2)
+    error = rng.normal(0.0, 1.0 / math.sqrt(2), (scan.n_positions, 2))
+    wrong = scan.replace(xcoords=scan.xcoords + error[:, 0], ycoords=scan.ycoords + error[:, 1])
+    refiner = Refiner(
+        wrong,
+        options(mode="positions", iterations=80, batch_size=16, position_start=0),
+        initial=scan.object,
+    )
+    result = refiner.run(true_positions=scan.positions)
+    found = np.stack([result.xcoords, result.ycoords], 1) - scan.positions
+    assert np.allclose(found.mean(0), error.mean(0), atol=0.05)  # only the common shift
+    remaining = found - found.mean(0)
+    before = error - error.mean(0)
+    rms = lambda e: float(np.sqrt(np.mean(np.sum(e**2, 1))))  # noqa: E731
+    assert rms(before) > 0.8
+    assert rms(remaining) < 0.1
+    assert result.history[-1]["position_rmse"] == pytest.approx(rms(remaining), rel=1e-3)
+    assert np.abs(refiner.correction.numpy().mean(0)).max() < 1e-4
+
+
+def test_the_legacy_warp_refines_objects_as_the_xla_warp_does_and_refuses_positions():
+    scan = small_scan(nphotons=1e7)
+    settings = options(iterations=5, batch_size=16)
+    xla = Refiner(scan, settings, compile_mode="graph").run()
+    legacy = Refiner(scan, settings, backend="legacy", compile_mode="graph").run()
+    assert np.abs(xla.obj - legacy.obj).max() < 1e-3
+    with pytest.raises(ValueError, match="use translate=xla"):
+        Refiner(scan, options(mode="positions"), backend="legacy", compile_mode="graph")
+
+
+# --------------------------------------------------------------------------------------
+# The applications
+# --------------------------------------------------------------------------------------
+
+
+def test_infer_without_a_checkpoint_is_an_iterative_reconstruction(tmp_path):
+    from tests.test_app import scalar_tags
+
+    cfg = make_config(
+        "infer",
+        [
+            "data=grf",
+            "data.test_positions=49",
+            "data.position_error=1.0",
+            "refine=positions",
+            "refine.iterations=4",
+            "refine.eval_every=2",
+            "refine.batch_size=16",
+        ],
+    )
+    summary = app.infer(cfg, tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["refine_iterations"] == 4 and written["refine_seconds"] > 0
+    assert written["seconds"] >= written["refine_seconds"]
+    assert written["checkpoint"] is None
+    for key in ("amp_ssim", "r_factor", "position_rmse"):
+        assert (
+            math.isfinite(written[f"refined_{key}"]) and written[key] == written[f"refined_{key}"]
+        )
+    assert summary == written
+    saved = np.load(tmp_path / "reconstruction.npz")
+    assert saved["xcoords"].shape == saved["ycoords"].shape == (49,)
+    assert saved["probe"].shape == (64, 64) and saved["probe"].dtype == np.complex64
+    assert (tmp_path / "refine.png").is_file()
+    tags = scalar_tags(tmp_path)
+    for tag in ("refine/loss", "refine/r_factor", "refine/amp_ssim", "refine/position_rmse"):
+        assert len(tags[tag]) == 3, tag  # iterations 0, 2, 4
+
+
+def test_train_keeps_the_networks_figures_beside_the_refined_ones(tmp_path):
+    cfg = make_config(overrides=["debug=smoke", "refine=object", "refine.iterations=2"])
+    summary = app.train(cfg, tmp_path)
+    assert summary["amp_ssim"] != summary["refined_amp_ssim"]
+    assert summary["refine_iterations"] == 2
+    saved = np.load(tmp_path / "reconstruction.npz")
+    assert "probe" in saved and saved["xcoords"].shape == (36,)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["translate=legacy", "compile=graph", "refine=positions"], "use translate=xla"),
+        (["translate=legacy", "compile=graph", "refine=full"], "use translate=xla"),
+        (["refine=object", "refine.iterations=0"], "refine.iterations=0: must be >= 1"),
+        (["refine=object", "refine.loss=gauss"], "refine.loss=gauss: one of poisson"),
+    ],
+)
+def test_impossible_refinements_are_refused_before_any_work(tmp_path, overrides, match):
+    for name in ("train", "infer"):
+        cfg = make_config(name, ["data=grf", *overrides])
+        with pytest.raises(ConfigError, match=match):
+            getattr(app, name)(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -13,8 +13,10 @@ Rows (one JSON line each, all in this process, one after the other):
 - ``refine=object`` from a flat object for xla+jit, xla+graph and legacy+graph;
 - ``refine=positions`` on the same scan with 1 px rms errors in the stored positions
   (xla+jit, xla+graph), and ``refine=object`` with the true positions beside it;
-- with ``--checkpoint``: ``refine=object`` from the network's reconstruction (xla+jit),
-  the network's own time included in ``seconds_to_*``;
+- with ``--checkpoint``: ``refine=object`` from the network's reconstruction (xla+jit)
+  for the default iterations and for a third of them, the network's own time included
+  in ``seconds`` and ``seconds_to_*``, and ``refine=object`` from flat for a third of
+  them beside it;
 - ePIE (``translate="epie"``): the textbook sequential algorithm in numpy with the
   known probe, PtyLab's defaults (object step 0.25, integer positions, random order),
   ``--epie-iterations`` iterations: the in-process yardstick.
@@ -170,7 +172,8 @@ def network_start(checkpoint: str, scan):
 
 def run(nphotons: float, args) -> list[dict]:
     scan = held_out_scan(nphotons)
-    options = RefineOptions(mode="object", iterations=args.iterations, eval_every=args.every)
+    iterations = args.iterations or RefineOptions().iterations
+    options = RefineOptions(mode="object", iterations=iterations, eval_every=args.every)
     rows = []
 
     def emit(row, **labels):
@@ -206,12 +209,20 @@ def run(nphotons: float, args) -> list[dict]:
         emit(with_targets(refine_row(scan, scan, options, backend, mode)), start="flat")
     if args.checkpoint:
         initial, seconds = network_start(args.checkpoint, scan)
-        row = refine_row(scan, scan, options, "xla", "jit", initial=initial, extra_seconds=seconds)
-        row["network_seconds"] = seconds
-        emit(with_targets(row), start="network")
+        third = RefineOptions(mode="object", iterations=max(1, iterations // 3), eval_every=1)
+        for settings in (options, third):
+            row = refine_row(
+                scan, scan, settings, "xla", "jit", initial=initial, extra_seconds=seconds
+            )
+            row["seconds"] += seconds
+            row["network_seconds"] = seconds
+            row["network_amp_ssim"] = row["curve"][0]["amp_ssim"]
+            row["network_phase_ssim"] = row["curve"][0]["phase_ssim"]
+            emit(with_targets(row), start="network")
+        emit(with_targets(refine_row(scan, scan, third, "xla", "jit")), start="flat")
     if not args.skip_positions:
         wrong = with_position_errors(scan)
-        moving = RefineOptions(mode="positions", iterations=args.iterations, eval_every=args.every)
+        moving = RefineOptions(mode="positions", iterations=iterations, eval_every=args.every)
         for backend, mode in (("xla", "jit"), ("xla", "graph")):
             emit(
                 with_targets(refine_row(wrong, scan, moving, backend, mode)),
@@ -227,52 +238,43 @@ def run(nphotons: float, args) -> list[dict]:
 
 
 def plot(rows: list, path: str) -> None:
+    """Per dose: amp SSIM and phase SSIM against iterations, amp SSIM against seconds
+    (xla+jit rows and ePIE)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = (("iteration", "amp_ssim"), ("iteration", "phase_ssim"), ("seconds", "amp_ssim"))
     doses = sorted({r["nphotons"] for r in rows}, reverse=True)
-    figure, axes = plt.subplots(len(doses), 2, figsize=(11, 4 * len(doses)), squeeze=False)
+    figure, axes = plt.subplots(len(doses), 3, figsize=(16, 4.3 * len(doses)), squeeze=False)
     for axes_row, dose in zip(axes, doses, strict=True):
-        for row in rows:
-            if row["nphotons"] != dose or row["compile"] == "graph":
-                continue
-            label = f"{row['translate']} {row['mode']} ({row['start']} start)"
+        shown = [r for r in rows if r["nphotons"] == dose and r["compile"] != "graph"]
+        for row in shown:
+            label = (
+                f"{row['translate']} {row['mode']}, {row['start']} start, {row['iterations']} its"
+            )
             if row.get("position_error_px"):
                 label += f", {row['position_error_px']:g} px position errors"
             curve = row["curve"]
-            for axis, key in zip(axes_row, ("iteration", "seconds"), strict=True):
-                axis.plot(
-                    [p[key] for p in curve],
-                    [p["amp_ssim"] for p in curve],
-                    "o-",
-                    label=label,
-                    markersize=3,
-                )
-        for axis, key in zip(axes_row, ("iterations", "seconds"), strict=True):
-            axis.set_xlabel(key)
-            axis.set_ylabel("amplitude SSIM")
+            for axis, (x, y) in zip(axes_row, panels, strict=True):
+                axis.plot([p[x] for p in curve], [p[y] for p in curve], "o-", label=label, ms=3)
+        for axis, (x, y) in zip(axes_row, panels, strict=True):
+            values = [p[y] for r in shown for p in r["curve"][1:]]
+            axis.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.01))
+            axis.set_xlabel("seconds" if x == "seconds" else "iterations")
+            axis.set_ylabel(y.replace("_", " "))
             axis.set_title(f"{dose:.0e} photons per pattern")
             axis.grid(alpha=0.3)
-            axis.set_ylim(
-                bottom=max(
-                    0.0,
-                    min(
-                        p["amp_ssim"] for r in rows if r["nphotons"] == dose for p in r["curve"][1:]
-                    )
-                    - 0.02,
-                )
-            )
-        axes_row[0].legend(fontsize=7)
+        axes_row[1].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nphotons", type=float, nargs="+", default=[1e6, 1e4])
-    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--iterations", type=int, help="default: refine.iterations")
     parser.add_argument("--epie-iterations", type=int, default=50)
     parser.add_argument("--every", type=int, default=5, help="iterations between points")
     parser.add_argument("--checkpoint", help="a model.keras trained on N = 64, Fresnel probe")
@@ -280,7 +282,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--out", help="also write the rows, curves included, as JSON lines")
     parser.add_argument("--plot", help="PNG of the SSIM curves")
+    parser.add_argument("--replot", nargs="+", help="draw --plot from --out files; no runs")
     args = parser.parse_args()
+    if args.replot:
+        rows = [json.loads(line) for name in args.replot for line in open(name) if line.strip()]
+        plot(rows, args.plot)
+        return
     rows = [row for dose in args.nphotons for row in run(dose, args)]
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))

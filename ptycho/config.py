@@ -169,7 +169,7 @@ class RefineOptions:
     ptycho/refine.py). Checked by :func:`refine_options`, not on composition."""
 
     mode: str = "off"  # off | object | positions (object + positions) | full (+ probe)
-    iterations: int = 50  # passes over every scan position
+    iterations: int = 30  # passes over every scan position
     max_seconds: Optional[float] = None  # stop after the iteration that crosses this
     batch_size: int = 64  # positions per step
     loss: str = "poisson"  # poisson | amplitude (Gaussian on sqrt(counts))
@@ -179,9 +179,9 @@ class RefineOptions:
     regularisation: float = 1.0  # delta: preconditioner sum|P|^2 + delta * max
     truncation: float = 1.0  # Poisson gradient factor (1 - n/I) bounded below by -this
     smoothness: float = 30.0  # weight of sum |grad O|^2 (a prior; counts units)
-    position_start: int = 5  # first iteration that moves positions
-    position_step: float = 0.3  # pixels per unit normalised gradient
-    max_position_step: float = 0.25  # pixels, per step
+    position_start: int = 3  # first iteration that moves positions
+    position_step: float = 0.8  # pixels per unit normalised gradient
+    max_position_step: float = 0.4  # pixels, per step
     max_position_correction: float = 8.0  # pixels, in all
     probe_start: int = 10  # first iteration that updates the probe (mode=full)
     probe_step: float = 1.0

@@ -12,23 +12,26 @@ shift, which is why position refinement needs ``backend="xla"``.
 
 Update rules (measured in ``benchmarks/refine.py``; see the README):
 
-- object: the gradient divided by ``4 (sum_batch |P_j|^2 + delta max)``, the
-  minibatch's illumination (the Gauss-Newton diagonal of the loss at the solution,
+- object: the gradient divided by ``4 (sum_batch |P_j|^2 + regularisation max |P|^2)``,
+  the minibatch's illumination (the Gauss-Newton diagonal of the loss at the solution,
   as ePIE and LSQML precondition); with step 1 near the solution this is the
-  projection onto the measured moduli, in parallel over the minibatch. The step
-  follows a cosine from ``step`` to ``final_step`` over the iterations, which removes
-  the minibatch noise of the last iterates.
+  projection onto the measured moduli, in parallel over the minibatch. Heavy-ball
+  momentum carries the slow low-frequency phase along; the step follows a cosine from
+  ``step`` to ``step * final_step`` over the iterations, which removes the minibatch
+  noise of the last iterates.
 - positions: a normalised gradient step (RMS of each position's gradient), at most
   ``max_position_step`` pixels per step, the corrections' mean held at zero (a common
   shift of every position is unobservable) and each correction bounded by
   ``max_position_correction``.
-- probe: the gradient divided by ``4 (sum_batch |o_j|^2 + delta max)``.
+- probe: the gradient divided by ``4 (sum_batch |o_j|^2 + ...)``.
 
 Far from the solution the Poisson gradient ``(1 - n / I) Psi`` is unbounded where the
 model's intensity ``I`` is much smaller than the counts ``n``; below ``I = n / (1 +
 truncation)`` the loss is continued linearly (a truncated Poisson likelihood, as in
 truncated Wirtinger flow), so steps stay bounded. At the solution it is the Poisson
-likelihood itself.
+likelihood itself. An optional smoothness prior ``smoothness * sum |grad O|^2`` (in
+photon-count units: it matters at low dose and fades at high dose) keeps the
+maximum-likelihood object from fitting the noise of low-dose data.
 """
 
 from __future__ import annotations
@@ -270,29 +273,30 @@ class Refiner:
         ]
         return tf.stack([tf.reduce_sum(term, axis=(1, 2)) for term in terms], axis=1)
 
-    def gradients(self, index, canvas=None, probe=None):
+    def gradients(self, index, canvas=None, probe=None, *, wrt=("canvas", "probe", "positions")):
         """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
         the probe (N, N, 2) and the positions of ``index`` (B, 2) [x, y], at the
-        current variables (or at the ``canvas`` / ``probe`` given)."""
+        current variables (or at the ``canvas`` / ``probe`` given). Gradients not in
+        ``wrt`` are zeros and cost nothing: XLA drops their part of the backward pass."""
         options = self.options
         indices, _, fraction = self._windows(index)
         counts = tf.gather(self.counts, index)
         canvas = tf.identity(self.canvas if canvas is None else canvas)
         probe = tf.identity(self.probe if probe is None else probe)
+        # d loss / d position = d loss / d fraction: the integer part only picks the
+        # window; within it the remainder moves with the position.
+        sources = {"canvas": canvas, "probe": probe, "positions": fraction}
         with tf.GradientTape() as tape:
-            tape.watch([canvas, probe, fraction])
+            tape.watch([sources[name] for name in wrt])
             patches = self._patches(canvas, indices, fraction)
             loss = tf.reduce_sum(self._loss(self._intensity(probe, patches), counts))
             if options.smoothness:
                 share = tf.cast(tf.shape(index)[0], tf.float32) / self.scan.n_positions
                 loss += options.smoothness * share * _roughness(canvas)
-        # d loss / d position = d loss / d fraction: the integer part only picks the
-        # window; within it the remainder moves with the position.
-        sources = [canvas, probe, fraction]
-        grads = tape.gradient(loss, sources)  # the legacy warp has none for ``fraction``
-        grads = [
-            tf.zeros_like(s) if g is None else tf.convert_to_tensor(g)
-            for s, g in zip(sources, grads, strict=True)
+        found = dict(zip(wrt, tape.gradient(loss, [sources[name] for name in wrt]), strict=True))
+        grads = [  # the legacy warp has no gradient for the positions (None)
+            tf.zeros_like(value) if found.get(name) is None else tf.convert_to_tensor(found[name])
+            for name, value in sources.items()
         ]
         return loss, grads, (indices, patches)
 
@@ -301,7 +305,14 @@ class Refiner:
         alone); returns the minibatch's loss."""
         options, n = self.options, self.n
         size = tf.shape(index)[0]
-        loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(index)
+        wrt = (
+            ["canvas"]
+            + ["positions"] * options.refines_positions
+            + ["probe"] * options.refines_probe
+        )
+        loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(
+            index, wrt=wrt
+        )
         canvas, probe = tf.convert_to_tensor(self.canvas), tf.convert_to_tensor(self.probe)
 
         # Object: preconditioned by the minibatch's illumination.

@@ -4,7 +4,9 @@ refusals, and the application's outputs."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 
 import numpy as np
@@ -17,6 +19,7 @@ from ptycho.config import RefineOptions
 from ptycho.data import simulate
 from ptycho.errors import ConfigError
 from ptycho.inference import scan_region
+from ptycho.progress import Progress
 from ptycho.refine import Refiner
 from tests.conftest import compose_config as make_config
 
@@ -245,3 +248,31 @@ def test_impossible_refinements_are_refused_before_any_work(tmp_path, overrides,
         with pytest.raises(ConfigError, match=match):
             getattr(app, name)(cfg, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_max_seconds_stops_after_the_iteration_that_crosses_it():
+    scan = small_scan(nphotons=1e7)
+    result = Refiner(scan, options(iterations=50, batch_size=16, max_seconds=1e-6)).run()
+    assert result.iterations == 1
+    assert [r["iteration"] for r in result.history] == [0, 1]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(caplog):
+    terminal = FakeTerminal()
+    bar = Progress(10, "refine=object", stream=terminal)
+    bar.update(5, "R 0.1")
+    bar.close()
+    assert terminal.getvalue().startswith("\rrefine=object [############------------] 5/10 R 0.1")
+    assert terminal.getvalue().endswith("\n")
+    pipe = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="ptycho.progress"):
+        lines = Progress(10, "refine=object", stream=pipe)
+        lines.update(5, "R 0.1")
+        lines.close()
+    assert pipe.getvalue() == ""
+    assert "refine=object 5/10: R 0.1" in caplog.text

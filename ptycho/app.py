@@ -348,6 +348,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     reconstructed = time.perf_counter()
     result, values = network = evaluation(model)
     _log_final(monitor, values, epochs_done)
+    save_model(model, run_dir / "model.keras")  # before refining: kept if that fails
     refined = _refine_stage(cfg, test_scan, network, run_dir)
     trained = [h for h in monitor.history if h["epoch"] > initial_epoch]
     samples_per_s = float(np.median([h["samples_per_s"] for h in trained])) if trained else math.nan
@@ -368,8 +369,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "ptycho_version": __version__,
     }
     _log_speed(monitor, summary, epochs_done)
-
-    save_model(model, run_dir / "model.keras")
     title = _write_reconstruction(run_dir, test_scan, network, refined, backend, mode)
     write_json(summary, run_dir / "metrics.json")
     log.info("%s", title)

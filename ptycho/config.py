@@ -213,6 +213,8 @@ class RefineOptions:
                 f"max_position_correction={self.max_position_correction}: must be > 0 (pixels)",
             ),
             (self.probe_step > 0, f"probe_step={self.probe_step}: must be > 0"),
+            (self.position_start >= 0, f"position_start={self.position_start}: must be >= 0"),
+            (self.probe_start >= 0, f"probe_start={self.probe_start}: must be >= 0"),
             (self.eval_every >= 1, f"eval_every={self.eval_every}: must be >= 1"),
         ]
         for ok, message in checks:

@@ -437,7 +437,6 @@ class Refiner:
             done = iteration + 1
             out_of_time = options.max_seconds is not None and seconds >= options.max_seconds
             if done % options.eval_every == 0 or done == options.iterations or out_of_time:
-                begin = time.perf_counter()
                 record = self._record(done, seconds, score, true_positions)
                 seconds += record.pop("_pass_seconds")
                 record["seconds"] = seconds

@@ -21,6 +21,7 @@ from ptycho.errors import ConfigError
 from ptycho.inference import scan_region
 from ptycho.progress import Progress
 from ptycho.refine import Refiner
+from ptycho.stitch import stitch_patches
 from tests.conftest import compose_config as make_config
 
 N = 32
@@ -143,6 +144,14 @@ def test_refinement_from_the_truth_stays_at_the_truth():
     region = scan_region(scan)
     error = np.abs(obj[region] - scan.object[region])[mask[region]]
     assert float(np.median(error)) < 0.01
+    # The mask is the illuminated region (as the stitcher finds it), 0 outside it.
+    stitched_mask = stitch_patches(
+        np.ones((scan.n_positions, N, N)), scan.xcoords, scan.ycoords, obj.shape, probe=scan.probe
+    )[1]
+    assert np.mean(mask == stitched_mask) > 0.99 and 0 < mask.mean() < 1
+    assert np.all(obj[~mask] == 0)
+    # Written in the scan's frame: the positions it was given.
+    assert np.allclose(result.xcoords, scan.xcoords) and np.allclose(result.ycoords, scan.ycoords)
 
 
 def test_a_flat_start_reconstructs_the_object():
@@ -151,6 +160,8 @@ def test_a_flat_start_reconstructs_the_object():
     result = Refiner(scan, RefineOptions(mode="object", iterations=40, batch_size=16)).run()
     assert amp_ssim(scan, result.obj) > 0.9
     assert result.history[-1]["r_factor"] < 0.5 * result.history[0]["r_factor"]
+    # The probe comes back in the scan's units (the fitted count scale taken out).
+    assert np.allclose(result.probe, scan.probe, atol=1e-5 * np.abs(scan.probe).max())
 
 
 def test_known_position_errors_are_recovered():

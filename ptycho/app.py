@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from enum import Enum
 from pathlib import Path
@@ -450,8 +451,24 @@ def _load_checkpoint(path: str, backend: str) -> keras.Model:
     try:
         return load_model(path, translate_backend=backend)
     except Exception as error:  # noqa: BLE001 - any load failure is a bad checkpoint
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"checkpoint={path}: cannot load the model ({message})") from error
+        log.debug("checkpoint=%s: %s: %s", path, type(error).__name__, error)
+        raise DataError(f"checkpoint={path}: {_load_failure(error)}") from error
+
+
+def _load_failure(error: Exception) -> str:
+    """What is wrong with a checkpoint Keras refused, in a few words and the fix (the
+    library's own message, often several sentences, goes to the debug log)."""
+    text = str(error)
+    if "Lambda" in text and "safe_mode" in text:
+        return "contains a Lambda layer (arbitrary code): refused; re-save the model without it"
+    unknown = re.search(r"[Cc]ould not (?:locate|deserialize) class '?([\w.]+)", text)
+    if unknown:
+        return (
+            f"uses a layer class this version does not know ({unknown.group(1)}); "
+            "use a model.keras written by train.py"
+        )
+    first = text.split(". ")[0].splitlines()[0] if text else type(error).__name__
+    return f"cannot load the model ({first[:100]}); use a model.keras written by train.py"
 
 
 # --------------------------------------------------------------------------------------

@@ -174,6 +174,20 @@ def test_keras_files_with_lambda_or_unknown_classes_are_refused(good_scan, tmp_p
     with pytest.raises(Exception, match="(?i)evil|could not|unknown|locate"):
         load_model(tmp_path / "unknown.keras")
 
+    # What the application says: one short line naming the file, what is wrong, the fix.
+    from ptycho.app import _load_checkpoint
+    from ptycho.errors import DataError
+
+    for name, says in (
+        ("lambda.keras", "contains a Lambda layer (arbitrary code): refused; re-save the model"),
+        ("unknown.keras", "uses a layer class this version does not know ("),
+    ):
+        with pytest.raises(DataError) as refused:
+            _load_checkpoint(str(tmp_path / name), "xla")
+        line = str(refused.value)
+        assert line.startswith(f"checkpoint={tmp_path / name}: {says}"), line
+        assert len(line) - len(str(tmp_path)) <= 150 and "\n" not in line, line
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -239,6 +253,8 @@ def test_entry_points_exit_with_one_line_and_the_right_code(case, code, good_sca
     assert len(lines) == 1, result.stderr[-3000:]
     if case.startswith("unwritable"):
         assert "hydra.run.dir" in lines[0], lines[0]
+    if case == "lambda checkpoint":
+        assert "contains a Lambda layer" in lines[0] and len(lines[0]) <= 200, lines[0]
     assert "Traceback" not in result.stderr
     for name in OUTPUTS:
         assert not (run_dir / name).exists()

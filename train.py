@@ -12,8 +12,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ptycho.cli import precheck, run_job
-from ptycho.config import register_configs, rollback_overrides
+if "verbose=true" in sys.argv[1:]:  # before ptycho loads TensorFlow: show its notices too
+    os.environ["PTYCHO_VERBOSE"] = "1"
+
+from ptycho.cli import precheck, run_job  # noqa: E402
+from ptycho.config import register_configs, rollback_overrides  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
 register_configs()

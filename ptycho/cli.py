@@ -26,7 +26,15 @@ INTERRUPT_EXIT = 130
 
 
 def run_job(function, *args):
-    """Call ``function(*args)``; turn failures into one line on stderr and an exit code."""
+    """Call ``function(*args)``; turn failures into one line on stderr and an exit code.
+
+    With ``verbose=true`` in the configuration (``args[0]``) the ``ptycho`` loggers
+    show debug messages. TensorFlow's devices are initialised first, with its native
+    start-up notices filtered (:mod:`ptycho.quiet`)."""
+    cfg = args[0] if args else None
+    if getattr(cfg, "verbose", False):
+        logging.getLogger("ptycho").setLevel(logging.DEBUG)
+    _initialise_devices()
     try:
         return function(*args)
     except ConfigError as error:
@@ -41,6 +49,17 @@ def run_job(function, *args):
         )
     except Exception as error:  # noqa: BLE001 - reported as one line, code 1
         _fail(error, RUNTIME_EXIT)
+
+
+def _initialise_devices() -> None:
+    """Find TensorFlow's devices now, where the ``failed call to cuInit`` notice of a
+    machine without a GPU can be filtered, rather than at the first operation."""
+    from ptycho.quiet import native_notices_filtered
+
+    with native_notices_filtered():
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
 
 
 def _one_line(text: str) -> str:

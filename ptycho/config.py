@@ -248,6 +248,7 @@ class TrainConfig:
     infer_batch_size: int = 64
     align_phase: bool = True
     resume: bool = False
+    verbose: bool = False  # debug logs and TensorFlow's native start-up notices
 
 
 @dataclass
@@ -261,6 +262,7 @@ class InferConfig:
     n: int = 64  # pattern size of a simulated scan when no checkpoint sets it
     infer_batch_size: int = 64
     align_phase: bool = True
+    verbose: bool = False  # debug logs and TensorFlow's native start-up notices
 
 
 def register_configs() -> None:

@@ -10,8 +10,8 @@ import os  # noqa: E402
 
 from ptycho.quiet import native_notices_filtered  # noqa: E402
 
-if os.environ.get("PTYCHO_VERBOSE") != "1":  # TensorFlow's INFO lines (XLA service, ...)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+if os.environ.get("PTYCHO_VERBOSE") != "1" and not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"  # TensorFlow's INFO lines (XLA service, ...)
 
 with native_notices_filtered():  # TensorFlow's native start-up notices (ptycho/quiet.py)
     from ptycho import layers, model  # noqa: E402,F401  (registers serializable classes)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import tensorflow as tf
 
 from ptycho.inference import Evaluation, make_predict_fn
 from ptycho.outputs import save_model, write_json
+from ptycho.progress import Progress
 
 __all__ = ["TrainingMonitor", "image_for_summary", "stop_on_interrupt"]
 
@@ -85,6 +87,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         max_minutes: float | None = None,
         eval_minutes: tuple[float, ...] = (),
         log_probe: bool = False,
+        stream=None,
     ):
         super().__init__()
         self.run_dir = Path(run_dir)
@@ -106,12 +109,29 @@ class TrainingMonitor(keras.callbacks.Callback):
         self._predict = None
         self._epoch = 0
         self._start = time.perf_counter()
+        # A bar on a terminal; in logs, CI and batch jobs the epoch lines are the progress.
+        self.progress_stream = sys.stdout if stream is None else stream
+        self._progress: Progress | None = None
+        self._drawn_at = 0.0
 
     # ---------------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
         self._start = time.perf_counter()
         self._predict = make_predict_fn(self.model, self.evaluation.compile_mode)
+        self._first_step = int(self.model.optimizer.iterations.numpy())
+        steps = self.params.get("steps") or 1
+        self._progress = Progress(
+            self.epochs * steps,
+            "train",
+            stream=self.progress_stream,
+            lines=False,
+            initial=self._first_step,
+        )
+
+    def on_train_end(self, logs=None):
+        if self._progress is not None:
+            self._progress.close()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -134,6 +154,21 @@ class TrainingMonitor(keras.callbacks.Callback):
         if step % self.log_every_steps == 0:
             with self.writer.as_default(step=step):
                 tf.summary.scalar("train/loss_step", loss)
+        self._draw_progress(step)
+
+    def _draw_progress(self, step: int) -> None:
+        """Redraw the terminal bar (at most five times a second)."""
+        now = time.perf_counter()
+        if self._progress is None or not self._progress.tty or now - self._drawn_at < 0.2:
+            return
+        self._drawn_at = now
+        steps = self.params.get("steps") or 1
+        batch = self.samples_per_epoch / steps
+        rate = (step - self._first_step) * batch / max(now - self._start, 1e-9)
+        self._progress.update(
+            step,
+            f"epoch {self._epoch + 1}/{self.epochs}  step {step}  {rate:.0f} samples/s",
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         if self.nan_at is not None:
@@ -177,6 +212,8 @@ class TrainingMonitor(keras.callbacks.Callback):
         return (periodic or crossed) and epoch != self.epochs
 
     def _log_epoch(self, record: dict) -> None:
+        if self._progress is not None:
+            self._progress.clear()
         extra = "".join(
             f"  {key} {record[key]:.4g}"
             for key in ("r_factor", "amp_ssim", "phase_ssim", "amp_psnr")

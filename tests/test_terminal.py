@@ -68,3 +68,45 @@ def test_start_up_is_quiet_and_verbose_shows_the_notices():
     shown = [line for line in loud.stderr.splitlines() if line.strip()]
     assert loud.returncode == 0 and len(shown) >= 3, loud.stderr
     assert all(is_notice(line) for line in shown), loud.stderr
+
+
+def run_training(tmp_path: Path, stdout) -> subprocess.CompletedProcess:
+    args = [sys.executable, "train.py", "debug=smoke", "train.epochs=3", "compile=graph"]
+    return subprocess.run(
+        [*args, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_training_shows_a_progress_bar_on_a_terminal_and_epoch_lines_on_a_pipe(tmp_path):
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        done = run_training(tmp_path / "tty", follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: everything has been read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+    assert done.returncode == 0, done.stderr[-2000:]
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert "\rtrain [" in terminal and "samples/s" in terminal and "ETA" in terminal
+    assert "epoch 3/3" in terminal  # the epoch lines are still printed, under the bar
+
+    piped = run_training(tmp_path / "pipe", subprocess.PIPE)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    text = piped.stdout.decode()
+    assert "epoch 1/3" in text and "epoch 3/3" in text
+    assert "\r" not in text and "train [" not in text

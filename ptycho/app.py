@@ -35,7 +35,7 @@ from ptycho.hardware import compile_hint, resolve_precision
 from ptycho.inference import Evaluation, ScanMismatch
 from ptycho.layers import set_translate_backend
 from ptycho.model import ModelConfig, build_model, compile_model, load_model
-from ptycho.outputs import save_model, save_reconstruction, save_reconstruction_png, write_json
+from ptycho.outputs import save_model, save_reconstruction, write_json
 
 __all__ = ["infer", "train"]
 
@@ -370,7 +370,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "ptycho_version": __version__,
     }
     _log_speed(monitor, summary, epochs_done)
-    title = _write_reconstruction(run_dir, test_scan, network, refined, backend, mode)
+    title = _write_reconstruction(cfg, run_dir, test_scan, network, refined)
     write_json(summary, run_dir / "metrics.json")
     log.info("%s", title)
     log.info("wrote %s (%.0f s)", run_dir, summary["wall_seconds"])
@@ -441,7 +441,7 @@ def infer(cfg: DictConfig, run_dir: Path) -> dict:
     }
     if network is not None:
         summary.update(patterns_per_s=network[0].patterns_per_s, traces=network[0].traces)
-    title = _write_reconstruction(run_dir, scan, network, refined, backend, mode)
+    title = _write_reconstruction(cfg, run_dir, scan, network, refined)
     write_json(summary, run_dir / "metrics.json")
     log.info("reconstructed %d patterns in %.1f s; %s", scan.n_positions, summary["seconds"], title)
     return summary
@@ -522,17 +522,43 @@ def _stage_metrics(network, refined) -> dict:
     return out
 
 
-def _write_reconstruction(run_dir: Path, scan: Scan, network, refined, backend, mode) -> str:
-    """``reconstruction.npz`` and ``.png`` of the last stage; returns the PNG's title."""
+def _write_reconstruction(cfg: DictConfig, run_dir: Path, scan: Scan, network, refined) -> str:
+    """``reconstruction.npz``, ``reconstruction.png`` (and ``frc.png`` with ground truth)
+    of the last stage; returns the log line naming it."""
+    from ptycho import figures
+    from ptycho.inference import scan_region
+    from ptycho.stitch import illumination
+
+    backend, mode = _value(cfg.translate.backend), _value(cfg.compile.mode)
     if refined is not None:
         result, values = refined
         positions = {"xcoords": result.xcoords, "ycoords": result.ycoords, "probe": result.probe}
-        label = f"refine={result.mode}"
+        label = f"translate={backend} compile={mode} refine={result.mode}"
     else:
         result, values = network
         positions = {"xcoords": scan.xcoords, "ycoords": scan.ycoords}
-        label = ""
-    title = _title(values, backend, mode) + (f"  {label}" if label else "")
+        label = f"translate={backend} compile={mode} network"
     save_reconstruction(result.obj, result.mask, run_dir / "reconstruction.npz", **positions)
-    save_reconstruction_png(result.obj, result.mask, run_dir / "reconstruction.png", title=title)
-    return title
+    comparison = coverage = None
+    if scan.object is not None:
+        comparison = figures.compare_to_truth(
+            scan.object,
+            result.obj,
+            scan_region(scan),
+            register=cfg.metrics.register,
+            remove_phase_ramp=cfg.metrics.remove_phase_ramp,
+        )
+        figures.save_frc_png(comparison, run_dir / "frc.png", title=label)
+    else:
+        xcoords, ycoords = positions["xcoords"], positions["ycoords"]
+        coverage = illumination(xcoords, ycoords, scan.probe, result.obj.shape)
+    figures.save_reconstruction_png(
+        result.obj,
+        result.mask,
+        run_dir / "reconstruction.png",
+        title=label,
+        values=values,
+        comparison=comparison,
+        coverage=coverage,
+    )
+    return _title(values, backend, mode) + ("" if refined is None else f"  refine={result.mode}")

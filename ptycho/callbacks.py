@@ -15,25 +15,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ptycho.inference import Evaluation, make_predict_fn
+from ptycho import figures
+from ptycho.inference import Evaluation, make_predict_fn, scan_region
 from ptycho.outputs import save_model, write_json
 from ptycho.progress import Progress
+from ptycho.stitch import illumination
 
-__all__ = ["TrainingMonitor", "image_for_summary", "stop_on_interrupt"]
+__all__ = ["TrainingMonitor", "stop_on_interrupt"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.keras"
 STATE = "state.json"
-
-
-def image_for_summary(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """(H, W) values -> (1, H, W, 1) in [0, 1], scaled over the covered pixels."""
-    values = np.asarray(values, np.float64)
-    shown = values[mask] if mask.any() else values.ravel()
-    low, high = float(np.min(shown)), float(np.max(shown))
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    return np.where(mask, np.clip(scaled, 0, 1), 0).astype(np.float32)[None, ..., None]
 
 
 @contextlib.contextmanager
@@ -113,6 +106,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.progress_stream = sys.stdout if stream is None else stream
         self._progress: Progress | None = None
         self._drawn_at = 0.0
+        self._truth_logged = False
 
     # ---------------------------------------------------------------------------------
 
@@ -246,15 +240,45 @@ class TrainingMonitor(keras.callbacks.Callback):
             for key, value in values.items():
                 if math.isfinite(value):
                     tf.summary.scalar(f"test/{key}", value)
-            tf.summary.image("test/amplitude", image_for_summary(np.abs(result.obj), result.mask))
-            tf.summary.image("test/phase", image_for_summary(np.angle(result.obj), result.mask))
+            for tag, image in self._images(result).items():
+                tf.summary.image(tag, image)
             if self.log_probe:
                 probe = self.model.get_layer("illumination").probe.numpy()
-                full = np.ones(probe.shape, bool)
-                tf.summary.image("probe/amplitude", image_for_summary(np.abs(probe), full))
-                tf.summary.image("probe/phase", image_for_summary(np.angle(probe), full))
+                tf.summary.image("probe/amplitude", figures.grey_image(np.abs(probe)))
+                tf.summary.image("probe/phase", figures.grey_image(np.angle(probe)))
         self.writer.flush()
         return values
+
+    def _images(self, result) -> dict:
+        """TensorBoard images of an evaluation: the reconstruction; with ground truth the
+        truth (first time only), the errors on a symmetric scale and the FRC curves;
+        without, the illumination coverage and measured / predicted patterns."""
+        scan = self.evaluation.scan
+        images = {
+            "test/amplitude": figures.grey_image(np.abs(result.obj), result.mask),
+            "test/phase": figures.grey_image(np.angle(result.obj), result.mask),
+        }
+        if scan.object is None:
+            coverage = illumination(scan.xcoords, scan.ycoords, scan.probe, result.obj.shape)
+            images["test/coverage"] = figures.grey_image(coverage)
+            if result.diffraction_pairs:
+                images["test/diffraction"] = figures.diffraction_image(result.diffraction_pairs)
+            return images
+        comparison = figures.compare_to_truth(
+            scan.object,
+            result.obj,
+            scan_region(scan),
+            register=self.evaluation.register,
+            remove_phase_ramp=self.evaluation.remove_phase_ramp,
+        )
+        if not self._truth_logged:
+            images["test/amplitude_truth"] = figures.grey_image(comparison["amplitude_truth"])
+            images["test/phase_truth"] = figures.grey_image(comparison["phase_truth"])
+            self._truth_logged = True
+        images["test/amplitude_error"] = figures.diverging_image(comparison["amplitude_error"])
+        images["test/phase_error"] = figures.diverging_image(comparison["phase_error"])
+        images["test/frc"] = figures.frc_image(comparison["frc"])
+        return images
 
     def _learning_rate(self, step: int) -> float:
         rate = self.model.optimizer.learning_rate

@@ -48,6 +48,9 @@ class Reconstruction:
     seconds: float
     traces: int
     metrics: dict = field(default_factory=dict)
+    # (measured, predicted) amplitudes of a few fixed positions (first, middle, last
+    # group's first member), in the model's units: what the data-consistency looks like.
+    diffraction_pairs: list = field(default_factory=list)
 
     @property
     def patterns_per_s(self) -> float:
@@ -147,6 +150,8 @@ def reconstruct(
     c = gridsize * gridsize
     abs_error = measured_sum = nll_sum = 0.0
     count = 0
+    shown = sorted({0, len(groups) // 2, len(groups) - 1})
+    pairs = []
     for first in range(0, len(groups), batch_size):
         index = groups[first : first + batch_size]
         size = len(index)
@@ -164,6 +169,8 @@ def reconstruct(
         measured_sum += float(np.sum(measured))
         nll_sum += metrics.poisson_nll(predicted, measured) * predicted.size
         count += predicted.size
+        for group in (g for g in shown if first <= g < first + size):
+            pairs.append((measured[group - first, ..., 0], predicted[group - first, ..., 0]))
         patches = np.moveaxis(outputs["object"].numpy()[:size], -1, 1).reshape(-1, n, n)
         where = positions[first : first + batch_size].reshape(-1, 2)
         stitcher.add(patches, where[:, 0], where[:, 1], group_size=c)
@@ -176,6 +183,7 @@ def reconstruct(
         patterns=scan.n_positions,
         seconds=time.perf_counter() - start,
         traces=_tracing_count(predict_fn),
+        diffraction_pairs=pairs,
     )
 
 

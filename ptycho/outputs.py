@@ -19,7 +19,6 @@ __all__ = [
     "atomic_path",
     "save_model",
     "save_reconstruction",
-    "save_reconstruction_png",
     "write_json",
 ]
 
@@ -105,33 +104,4 @@ def save_reconstruction(
         arrays["probe"] = np.asarray(probe, np.complex64)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
-    return Path(path)
-
-
-def save_reconstruction_png(
-    obj: np.ndarray, mask: np.ndarray, path: Path, *, title: str = ""
-) -> Path:
-    """Amplitude and phase side by side with colour bars (covered pixels only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    amplitude = np.where(mask, np.abs(obj), np.nan)
-    phase = np.where(mask, np.angle(obj), np.nan)
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
-    for axis, image, label, cmap in (
-        (axes[0], amplitude, "amplitude", "gray"),
-        (axes[1], phase, "phase (rad)", "twilight"),
-    ):
-        shown = axis.imshow(image, cmap=cmap)
-        axis.set_title(label)
-        axis.set_xlabel("x (object pixels)")
-        axis.set_ylabel("y (object pixels)")
-        figure.colorbar(shown, ax=axis, shrink=0.85)
-    if title:
-        figure.suptitle(title)
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, dpi=110)
-    plt.close(figure)
     return Path(path)

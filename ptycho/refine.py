@@ -46,7 +46,7 @@ import tensorflow as tf
 
 from ptycho.config import REFINE_MODES, RefineOptions
 from ptycho.data.scan import Scan
-from ptycho.stitch import object_shape_for
+from ptycho.stitch import illumination, object_shape_for
 from ptycho.warp import translate
 
 __all__ = [
@@ -389,12 +389,10 @@ class Refiner:
         canvas = self.canvas.numpy()
         pad, (height, width) = self.pad, self.shape
         obj = (canvas[..., 0] + 1j * canvas[..., 1])[pad : pad + height, pad : pad + width]
-        weight = np.abs(self.current_probe()) ** 2
-        coverage = np.zeros((height + 2 * pad, width + 2 * pad))
-        n = self.n
-        for x, y in np.rint(self.positions() + pad - n / 2).astype(np.int64):
-            coverage[y : y + n, x : x + n] += weight
-        coverage = coverage[pad : pad + height, pad : pad + width]
+        probe = self.current_probe()
+        positions = self.positions()
+        coverage = illumination(positions[:, 0], positions[:, 1], probe, self.shape)
+        weight = np.abs(probe) ** 2
         mask = coverage > 1e-3 * weight.max()
         return np.where(mask, obj, 0).astype(np.complex64), mask
 

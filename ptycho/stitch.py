@@ -19,6 +19,7 @@ from ptycho.warp import translate
 __all__ = [
     "Stitcher",
     "extract_patches",
+    "illumination",
     "object_shape_for",
     "reassemble_patches",
     "stitch_patches",
@@ -92,6 +93,23 @@ def extract_patches(
         shifted = translate(windows[..., None], offsets.astype(np.float32), backend=backend)
         out[start:stop] = shifted.numpy()[:, :n, :n, 0]
     return out
+
+
+def illumination(
+    xcoords: np.ndarray, ycoords: np.ndarray, probe: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
+    """(H, W) summed probe intensity ``sum_j |P|^2`` of every position (windows placed
+    at the nearest pixel; parts outside the frame dropped): how well each pixel is
+    illuminated, the coverage a reconstruction rests on."""
+    weight = np.abs(np.asarray(probe)) ** 2
+    n = weight.shape[0]
+    height, width = int(shape[0]), int(shape[1])
+    out = np.zeros((height + 2 * n, width + 2 * n))
+    corners = np.rint(np.stack([ycoords, xcoords], 1) - n / 2).astype(np.int64) + n
+    corners = np.clip(corners, 0, [height + n, width + n])
+    for row, col in corners:
+        out[row : row + n, col : col + n] += weight
+    return out[n : n + height, n : n + width]
 
 
 def object_shape_for(xcoords: np.ndarray, ycoords: np.ndarray, n: int) -> tuple[int, int]:

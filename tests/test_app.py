@@ -21,6 +21,7 @@ from ptycho import app
 from ptycho.config import rollback_overrides
 from ptycho.data import ScanFileError, load_scan, save_scan, simulate
 from ptycho.errors import ConfigError, DataError
+from ptycho.inference import scan_region as app_scan_region
 from ptycho.stitch import object_shape_for
 from tests.conftest import compose_config as make_config
 from tests.conftest import run_script
@@ -119,6 +120,36 @@ def test_tensorboard_holds_losses_metrics_images_config_and_hparams(trained_run)
     }
     assert {"scalars", "images", "text", "hparams"} <= plugins
     assert "test/amplitude" in events.Tags()["tensors"]
+
+
+def image_shapes(run_dir: Path) -> dict[str, list[tuple]]:
+    """Every image summary: tag -> the (H, W, C) of each logged image (PNG decoded)."""
+    import tensorflow as tf
+
+    events = read_events(run_dir)
+    shapes = {}
+    for tag in events.Tags()["tensors"]:
+        if events.SummaryMetadata(tag).plugin_data.plugin_name != "images":
+            continue
+        for event in events.Tensors(tag):
+            encoded = tf.make_ndarray(event.tensor_proto)[2]  # width, height, PNG
+            shapes.setdefault(tag, []).append(tuple(tf.io.decode_png(encoded).shape))
+    return shapes
+
+
+def test_tensorboard_shows_truth_error_and_frc_beside_the_reconstruction(trained_run):
+    run_dir, _ = trained_run
+    shapes = image_shapes(run_dir)
+    test_scan = load_scan(run_dir / "test_scan.npz")
+    rows, cols = app_scan_region(test_scan)
+    region = (rows.stop - rows.start, cols.stop - cols.start)
+    assert shapes["test/amplitude"] == [(*test_scan.object.shape, 1)]
+    for tag in ("test/amplitude_truth", "test/phase_truth"):
+        assert shapes[tag] == [(*region, 1)], tag  # logged once
+    for tag in ("test/amplitude_error", "test/phase_error"):
+        assert shapes[tag] == [(*region, 3)], tag  # RGB: a symmetric colour scale
+    (frc,) = shapes["test/frc"]
+    assert frc[2] == 3 and frc[0] > 100 and frc[1] > 100
 
 
 def test_infer_reconstructs_a_scan_file_with_the_trained_model(trained_run, tmp_path):
@@ -387,6 +418,8 @@ def test_a_scan_without_ground_truth_trains_and_reconstructs(tmp_path):
         reconstruction = np.load(tmp_path / folder / "reconstruction.npz")
         assert reconstruction["obj"].shape == object_shape_for(scan.xcoords, scan.ycoords, 64)
         assert reconstruction["mask"].any()
+        assert (tmp_path / folder / "reconstruction.png").is_file()
+        assert not (tmp_path / folder / "frc.png").exists()  # no truth, no FRC
 
 
 def test_a_batch_larger_than_a_files_samples_is_refused(tmp_path):
@@ -527,11 +560,16 @@ def test_sweep_launcher_runs_a_sweep(tmp_path, launcher):
 
 
 def test_hydra_is_only_used_by_the_entry_points_and_the_glue():
-    sources = {path.name: path.read_text() for path in (ROOT / "ptycho").rglob("*.py")}
+    sources = {
+        str(path.relative_to(ROOT / "ptycho")): path.read_text()
+        for path in (ROOT / "ptycho").rglob("*.py")
+    }
     users = {
         name for name, text in sources.items() if "import hydra" in text or "from hydra" in text
     }
     assert users <= {"config.py", "cli.py"}  # ConfigStore registration, entry-point checks
     readers = {name for name, text in sources.items() if "os.environ" in text}
-    assert readers <= {"cli.py"}  # HYDRA_FULL_ERROR for tracebacks
+    # HYDRA_FULL_ERROR for tracebacks; PTYCHO_VERBOSE and TF_CPP_MIN_LOG_LEVEL before
+    # TensorFlow loads (the terminal's start-up notices)
+    assert readers <= {"cli.py", "quiet.py", "__init__.py"}
     assert hydra.__version__.startswith("1.")

@@ -157,9 +157,15 @@ class Refiner:
             else:
                 shape = object_shape_for(scan.xcoords, scan.ycoords, n)
         self.shape = (int(shape[0]), int(shape[1]))
-        # A margin around the frame so that patches moved by position corrections (and
-        # their bilinear taps) stay inside the canvas.
-        self.pad = int(math.ceil(options.max_position_correction)) + 2
+        # A margin around the frame so that every patch, moved by its largest position
+        # correction (and its bilinear taps), stays inside the canvas.
+        overhang = max(
+            0.0,
+            n / 2 - min(scan.xcoords.min(), scan.ycoords.min()),
+            scan.xcoords.max() + n / 2 + 1 - self.shape[1],
+            scan.ycoords.max() + n / 2 + 1 - self.shape[0],
+        )
+        self.pad = int(math.ceil(overhang + options.max_position_correction)) + 2
         self.batch_size = min(options.batch_size, m)
         height, width = self.shape[0] + 2 * self.pad, self.shape[1] + 2 * self.pad
 
@@ -187,8 +193,12 @@ class Refiner:
         # once so that the starting object predicts the measured total (below).
         self.probe_units = 1.0
         # The loss of a perfect fit (I = n), so that the reported loss is 0 there.
-        counts = np.square(scan.diffraction, dtype=np.float64)
-        per_pattern = float(counts.sum()) / m
+        total = saturated = 0.0
+        for first in range(0, m, 1024):  # in chunks: long scans stay small in float64
+            counts = np.square(scan.diffraction[first : first + 1024], dtype=np.float64)
+            total += float(counts.sum())
+            saturated += float(np.sum(counts - counts * np.log(np.where(counts > 0, counts, 1))))
+        per_pattern = total / m
         if options.loss == "poisson" and per_pattern < 1000:
             log.warning(
                 "the patterns hold %.3g counts each on average: the Poisson likelihood and "
@@ -196,11 +206,7 @@ class Refiner:
                 "normalised amplitudes use refine.loss=amplitude refine.smoothness=0",
                 per_pattern,
             )
-        self._saturated = (
-            float(np.sum(counts - counts * np.log(np.where(counts > 0, counts, 1.0))))
-            if options.loss == "poisson"
-            else 0.0
-        )
+        self._saturated = saturated if options.loss == "poisson" else 0.0
         jit = compile_mode == "jit"
         wrap = (
             (lambda f: f)

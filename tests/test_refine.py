@@ -261,6 +261,20 @@ def test_impossible_refinements_are_refused_before_any_work(tmp_path, overrides,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_patches_reaching_beyond_the_frame_are_refined_too():
+    """A frame smaller than the patches reach (an objectGuess cropped to the scanned
+    area): the canvas grows a margin, the result keeps the frame."""
+    scan = small_scan(nphotons=1e7)
+    frame = (60, 50)
+    result = Refiner(scan, options(iterations=2, batch_size=16), shape=frame).run()
+    assert result.obj.shape == result.mask.shape == frame
+    assert math.isfinite(result.r_factor) and result.mask.mean() > 0.8
+    whole = Refiner(scan, options(iterations=2, batch_size=16)).run()  # the full frame
+    assert result.r_factor == pytest.approx(whole.r_factor, rel=1e-4)
+    same = whole.obj[: frame[0], : frame[1]][result.mask]
+    assert np.abs(result.obj[result.mask] - same).max() < 1e-4
+
+
 def test_max_seconds_stops_after_the_iteration_that_crosses_it():
     scan = small_scan(nphotons=1e7)
     result = Refiner(scan, options(iterations=50, batch_size=16, max_seconds=1e-6)).run()

@@ -47,10 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from ptycho import metrics  # noqa: E402
 from ptycho.config import RefineOptions  # noqa: E402
 from ptycho.data import simulate  # noqa: E402
-from ptycho.inference import scan_region  # noqa: E402
+from ptycho.inference import scan_region, truth_metrics  # noqa: E402
 from ptycho.refine import Refiner  # noqa: E402
 
 POSITIONS = 1087
@@ -83,7 +82,7 @@ def scorer(scan):
     region = scan_region(scan)
 
     def score(obj):
-        values = metrics.compare(scan.object, obj, region=region)
+        values = truth_metrics(scan, obj, region=region)
         return {"amp_ssim": values["amp_ssim"], "phase_ssim": values.get("phase_ssim", math.nan)}
 
     return score

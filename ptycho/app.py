@@ -526,7 +526,6 @@ def _write_reconstruction(cfg: DictConfig, run_dir: Path, scan: Scan, network, r
     """``reconstruction.npz``, ``reconstruction.png`` (and ``frc.png`` with ground truth)
     of the last stage; returns the log line naming it."""
     from ptycho import figures
-    from ptycho.inference import scan_region
     from ptycho.stitch import illumination
 
     backend, mode = _value(cfg.translate.backend), _value(cfg.compile.mode)
@@ -541,10 +540,9 @@ def _write_reconstruction(cfg: DictConfig, run_dir: Path, scan: Scan, network, r
     save_reconstruction(result.obj, result.mask, run_dir / "reconstruction.npz", **positions)
     comparison = coverage = None
     if scan.object is not None:
-        comparison = figures.compare_to_truth(
-            scan.object,
+        comparison = figures.compare_scan(
+            scan,
             result.obj,
-            scan_region(scan),
             register=cfg.metrics.register,
             remove_phase_ramp=cfg.metrics.remove_phase_ramp,
         )

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from ptycho import figures
-from ptycho.inference import Evaluation, make_predict_fn, scan_region
+from ptycho.inference import Evaluation, make_predict_fn
 from ptycho.outputs import save_model, write_json
 from ptycho.progress import Progress
 from ptycho.stitch import illumination
@@ -264,10 +264,9 @@ class TrainingMonitor(keras.callbacks.Callback):
             if result.diffraction_pairs:
                 images["test/diffraction"] = figures.diffraction_image(result.diffraction_pairs)
             return images
-        comparison = figures.compare_to_truth(
-            scan.object,
+        comparison = figures.compare_scan(
+            scan,
             result.obj,
-            scan_region(scan),
             register=self.evaluation.register,
             remove_phase_ramp=self.evaluation.remove_phase_ramp,
         )

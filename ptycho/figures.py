@@ -15,12 +15,15 @@ from ptycho.outputs import atomic_path
 
 __all__ = [
     "Comparison",
+    "compare_scan",
     "compare_to_truth",
     "diffraction_image",
     "diverging_image",
     "frc_image",
     "grey_image",
+    "pyplot",
     "save_frc_png",
+    "save_png",
     "save_reconstruction_png",
 ]
 
@@ -62,6 +65,22 @@ def compare_to_truth(
             "phase": phase_curve,
             "half_bit": half_bit,
         },
+    )
+
+
+def compare_scan(
+    scan, obj: np.ndarray, *, register: bool = True, remove_phase_ramp: bool = False
+) -> Comparison:
+    """:func:`compare_to_truth` of an object of ``scan`` (which has ground truth) on the
+    region the metrics score (:func:`ptycho.inference.scan_region`)."""
+    from ptycho.inference import scan_region
+
+    return compare_to_truth(
+        scan.object,
+        obj,
+        scan_region(scan),
+        register=register,
+        remove_phase_ramp=remove_phase_ramp,
     )
 
 
@@ -115,7 +134,8 @@ def _frc_axes(axis, frc: dict) -> None:
     axis.legend(fontsize=8)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,9 +144,17 @@ def _pyplot():
     return plt
 
 
+def save_png(figure, path):
+    """Write ``figure`` to ``path`` atomically (never a half-written PNG) and close it."""
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, dpi=100)
+    pyplot().close(figure)
+    return path
+
+
 def frc_image(frc: dict) -> np.ndarray:
     """The FRC curves against the 0.5 and 1/2-bit thresholds as a (1, H, W, 3) image."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 3.5), dpi=80, constrained_layout=True)
     _frc_axes(axis, frc)
     return _figure_array(figure)
@@ -174,7 +202,7 @@ def save_reconstruction_png(
     reconstruction / error columns (the error on a symmetric scale); without: amplitude,
     phase and, when given, the illumination coverage. Colour bars throughout; the
     metrics in ``values`` in the title."""
-    plt = _pyplot()
+    plt = pyplot()
     if comparison is not None:
         figure, axes = plt.subplots(2, 3, figsize=(14, 8.4), constrained_layout=True)
         for row, (name, cmap) in enumerate((("amplitude", "gray"), ("phase", "twilight"))):
@@ -211,21 +239,15 @@ def save_reconstruction_png(
     text = _title(title, values)
     if text:
         figure.suptitle(text)
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)
 
 
 def save_frc_png(comparison: Comparison, path, *, title: str = ""):
     """``frc.png``: amplitude and phase FRC curves against the 0.5 and 1/2-bit
     thresholds."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
     _frc_axes(axis, comparison["frc"])
     if title:
         axis.set_title(title)
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)

@@ -29,6 +29,7 @@ __all__ = [
     "reconstruct",
     "scan_region",
     "scored",
+    "truth_metrics",
 ]
 
 
@@ -230,16 +231,29 @@ def scored(
     out = {"r_factor": result.r_factor, "poisson_nll": result.poisson_nll}
     if scan.object is not None:
         out.update(
-            metrics.compare(
-                scan.object,
-                result.obj,
-                region=scan_region(scan),
-                register=register,
-                remove_phase_ramp=remove_phase_ramp,
-            )
+            truth_metrics(scan, result.obj, register=register, remove_phase_ramp=remove_phase_ramp)
         )
     result.metrics = out
     return out
+
+
+def truth_metrics(
+    scan: Scan,
+    obj: np.ndarray,
+    *,
+    region: tuple[slice, slice] | None = None,
+    register: bool = True,
+    remove_phase_ramp: bool = False,
+) -> dict:
+    """Ground-truth metrics of an object of ``scan`` (which has one) on the scored
+    region (:func:`scan_region`, or ``region`` when the caller has it already)."""
+    return metrics.compare(
+        scan.object,
+        obj,
+        region=scan_region(scan) if region is None else region,
+        register=register,
+        remove_phase_ramp=remove_phase_ramp,
+    )
 
 
 @dataclass(frozen=True)

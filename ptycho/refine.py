@@ -516,22 +516,17 @@ def refine(
     scan has them. Returns the result and its metrics (the keys of
     :func:`ptycho.inference.scored`, plus ``position_rmse`` when known).
     """
-    from ptycho import metrics
-    from ptycho.inference import scan_region
+    from ptycho.inference import scan_region, truth_metrics
     from ptycho.progress import Progress
 
     truth_positions = scan.metadata.get("true_positions")
     score = None
     if scan.object is not None:
-        region = scan_region(scan)
+        region = scan_region(scan)  # once, not per progress point
 
         def score(obj):
-            return metrics.compare(
-                scan.object,
-                obj,
-                region=region,
-                register=register,
-                remove_phase_ramp=remove_phase_ramp,
+            return truth_metrics(
+                scan, obj, region=region, register=register, remove_phase_ramp=remove_phase_ramp
             )
 
     refiner = Refiner(scan, options, initial=initial, backend=backend, compile_mode=compile_mode)
@@ -572,13 +567,9 @@ def _progress_text(record: dict) -> str:
 def save_curves(history: list, path, *, title: str = ""):
     """PNG of a refinement's progress records against iterations: R-factor, ground-truth
     SSIM when known, position error when known."""
-    import matplotlib
+    from ptycho.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ptycho.outputs import atomic_path
-
+    plt = pyplot()
     iterations = [r["iteration"] for r in history]
     panels = [("r_factor", "R-factor")]
     if any("amp_ssim" in r for r in history):
@@ -602,7 +593,4 @@ def save_curves(history: list, path, *, title: str = ""):
         axis.grid(alpha=0.3)
     seconds = history[-1]["seconds"]
     figure.suptitle(f"{title}  ({iterations[-1]} iterations, {seconds:.1f} s)")
-    with atomic_path(path, suffix=".png") as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import time
 from enum import Enum
 from pathlib import Path
@@ -30,8 +31,9 @@ from ptycho.data import (
     save_scan,
     simulate,
 )
+from ptycho.distribute import dataset_options, make_distribution, prepare_fit
 from ptycho.errors import ConfigError, DataError, Interrupted, TrainingDiverged
-from ptycho.hardware import compile_hint, resolve_precision
+from ptycho.hardware import compile_hint, has_gpu, resolve_compile, resolve_precision
 from ptycho.inference import Evaluation, ScanMismatch
 from ptycho.layers import set_translate_backend
 from ptycho.model import ModelConfig, build_model, compile_model, load_model
@@ -161,12 +163,26 @@ def _groups(data: DictConfig, scan: Scan, gridsize: int):
     return groups
 
 
-def _evaluation(cfg: DictConfig, scan: Scan) -> Evaluation:
+def compile_modes(cfg: DictConfig) -> dict:
+    """The compile mode of each stage (``train``, ``reconstruct``, ``refine``): the
+    configured one, or with ``compile=auto`` the fastest measured for this device
+    (:func:`ptycho.hardware.resolve_compile`), logged."""
+    mode, backend = _value(cfg.compile.mode), _value(cfg.translate.backend)
+    modes = resolve_compile(mode, backend)
+    if mode == "auto":
+        where = "a GPU" if has_gpu() else "a CPU"
+        chosen = ", ".join(f"{stage} {choice}" for stage, choice in modes.items())
+        log.info("compile=auto on %s: %s", where, chosen)
+    return modes
+
+
+def _evaluation(cfg: DictConfig, scan: Scan, compile_mode: str) -> Evaluation:
     """How the run judges a model on ``scan`` (its test scan, or the scan to infer)."""
     return Evaluation(
         scan,
         batch_size=cfg.infer_batch_size,
-        compile_mode=_value(cfg.compile.mode),
+        groups=_value(cfg.infer_groups),
+        compile_mode=compile_mode,
         backend=_value(cfg.translate.backend),
         grouping=_value(cfg.data.grouping),
         align_phase=cfg.align_phase,
@@ -177,6 +193,7 @@ def _evaluation(cfg: DictConfig, scan: Scan) -> Evaluation:
 
 def _hparams(cfg: DictConfig) -> dict:
     return {
+        "distribute": _value(cfg.distribute.strategy),
         "translate": _value(cfg.translate.backend),
         "compile": _value(cfg.compile.mode),
         "n": cfg.model.n,
@@ -225,7 +242,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     check_train(cfg)
     run_dir = Path(run_dir)
     state = _resume_state(run_dir, cfg.resume)
-    backend, mode = _value(cfg.translate.backend), _value(cfg.compile.mode)
+    backend = _value(cfg.translate.backend)
+    modes = compile_modes(cfg)
+    mode = modes["train"]
+    distribution = make_distribution(_value(cfg.distribute.strategy), cfg.distribute.cpu_devices)
     keras.utils.set_random_seed(cfg.train.seed)
     started = time.perf_counter()
 
@@ -238,37 +258,39 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             f"train.batch_size={batch} is larger than the {len(groups)} training samples: "
             "lower train.batch_size or use more positions"
         )
-    if _value(cfg.data.source) == "simulate":  # written only once the inputs are accepted
+    if batch % distribution.replicas:
+        raise ConfigError(
+            f"train.batch_size={batch} (the global batch) does not split evenly over "
+            f"{distribution.replicas} replicas: use a multiple of {distribution.replicas}"
+        )
+    if mode == "jit" and distribution.replicas > 1 and not has_gpu():
+        raise ConfigError(
+            f"distribute={distribution.kind} over {distribution.replicas} CPU replicas cannot "
+            "run compile=jit: TensorFlow's XLA has no CPU collectives and places every "
+            "compiled step on the first CPU device (GPUs are separate XLA devices): use "
+            "compile=graph or compile=auto"
+        )
+    out_dir = distribution.output_dir(run_dir)  # the run folder on the chief
+    if _value(cfg.data.source) == "simulate" and distribution.chief:  # inputs accepted
         save_scan(train_scan, run_dir / "train_scan.npz")
         if test_scan is not train_scan:
             save_scan(test_scan, run_dir / "test_scan.npz")
     steps = len(groups) // batch
     epochs = cfg.train.epochs
 
-    saved_optimizer = None
-    if state is None:
-        factor = normalisation_factor(train_scan.diffraction)
-        model, _ = build_model(
-            model_config, probe=train_scan.probe, norm_factor=factor, translate_backend=backend
+    with distribution.strategy.scope():
+        model, saved_optimizer, initial_epoch = _training_model(
+            model_config, train_scan, state, run_dir, backend, epochs
         )
-        initial_epoch = 0
-    else:
-        model = keras.saving.load_model(run_dir / "checkpoints" / CHECKPOINT, safe_mode=True)
-        set_translate_backend(model, backend)
-        # The optimizer state (Adam moments, step count) comes from the checkpoint; the
-        # learning rate follows the configuration, so a diverged run can resume lower.
-        saved_optimizer = model.optimizer
-        factor = float(model.get_layer("normalise").factor)
-        initial_epoch = int(state["epoch"])
-        log.info("resuming from epoch %d of %d", initial_epoch, epochs)
-    compile_model(
-        model,
-        mode,
-        learning_rate=_schedule(cfg.train, epochs * steps),
-        poisson_weight=cfg.train.poisson_weight,
-        mae_weight=cfg.train.mae_weight,
-        optimizer_state=saved_optimizer,
-    )
+        compile_model(
+            model,
+            mode,
+            learning_rate=_schedule(cfg.train, epochs * steps),
+            poisson_weight=cfg.train.poisson_weight,
+            mae_weight=cfg.train.mae_weight,
+            optimizer_state=saved_optimizer,
+        )
+    factor = float(model.get_layer("normalise").factor)
 
     dataset = make_dataset(
         train_scan,
@@ -280,25 +302,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         drop_remainder=True,
         epochs=None,
         start_epoch=initial_epoch,
-    )
-    evaluation = _evaluation(cfg, test_scan)
+    ).with_options(dataset_options())
+    evaluation = _evaluation(cfg, test_scan, modes["reconstruct"])
     monitor = TrainingMonitor(
-        run_dir=run_dir,
+        run_dir=out_dir,
         evaluation=evaluation,
         epochs=epochs,
         samples_per_epoch=steps * batch,
-        eval_every=cfg.train.eval_every,
+        # Evaluations on the chief only; the others wait at the next step's all-reduce.
+        eval_every=cfg.train.eval_every if distribution.chief else 0,
         log_every_steps=cfg.train.log_every_steps,
         max_minutes=cfg.train.max_minutes,
-        eval_minutes=tuple(cfg.train.eval_minutes),
+        eval_minutes=tuple(cfg.train.eval_minutes) if distribution.chief else (),
         log_probe=cfg.model.probe_trainable,
+        agree=distribution.agree,
     )
     if state is not None:
         monitor.history = list(state.get("history", []))
     _write_run_summaries(monitor.writer, cfg, run_dir.name)
     log.info(
         "training %s: %d samples of %d x %d x %d, %d steps/epoch, translate=%s compile=%s "
-        "precision=%s",
+        "precision=%s; %s",
         train_scan.source,
         len(groups),
         model_config.n,
@@ -308,9 +332,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         backend,
         mode,
         model_config.precision,
+        distribution.describe(),
     )
-    if hint := compile_hint(mode):
+    if hint := compile_hint(_value(cfg.compile.mode)):
         log.info(hint)
+    prepare_fit(model, dataset, distribution)
     fit_start = time.perf_counter()
     if initial_epoch < epochs:
         with stop_on_interrupt(monitor):
@@ -345,12 +371,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             f"({run_dir / 'checkpoints' / CHECKPOINT}) is intact. Lower train.learning_rate "
             "and rerun with resume=true"
         )
+    if not distribution.chief:  # the chief reconstructs and writes the run's files
+        monitor.writer.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        log.info("worker %d: training done (%d epochs)", distribution.worker, epochs_done)
+        return {"epochs": epochs_done, "worker": distribution.worker}
 
     reconstructed = time.perf_counter()
     result, values = network = evaluation(model)
     _log_final(monitor, values, epochs_done)
     save_model(model, run_dir / "model.keras")  # before refining: kept if that fails
-    refined = _refine_stage(cfg, test_scan, network, run_dir)
+    refined = _refine_stage(cfg, test_scan, network, run_dir, modes["refine"])
     trained = [h for h in monitor.history if h["epoch"] > initial_epoch]
     samples_per_s = float(np.median([h["samples_per_s"] for h in trained])) if trained else math.nan
     summary = {
@@ -365,8 +396,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "reconstruction_patterns_per_s": result.patterns_per_s,
         "translate": backend,
-        "compile": mode,
+        "compile": _value(cfg.compile.mode),
+        "compile_stages": modes,
         "precision": model_config.precision,
+        "distribute": _value(cfg.distribute.strategy),
+        "replicas": distribution.replicas,
         "ptycho_version": __version__,
     }
     _log_speed(monitor, summary, epochs_done)
@@ -375,6 +409,25 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("%s", title)
     log.info("wrote %s (%.0f s)", run_dir, summary["wall_seconds"])
     return summary
+
+
+def _training_model(
+    config: ModelConfig, scan: Scan, state, run_dir: Path, backend: str, epochs: int
+):
+    """``(model, optimizer of the checkpoint or None, first epoch)``: a new model, or
+    the checkpoint's when resuming (call inside the strategy's scope)."""
+    if state is None:
+        factor = normalisation_factor(scan.diffraction)
+        model, _ = build_model(
+            config, probe=scan.probe, norm_factor=factor, translate_backend=backend
+        )
+        return model, None, 0
+    model = keras.saving.load_model(run_dir / "checkpoints" / CHECKPOINT, safe_mode=True)
+    set_translate_backend(model, backend)
+    # The optimizer state (Adam moments, step count) comes from the checkpoint; the
+    # learning rate follows the configuration, so a diverged run can resume lower.
+    log.info("resuming from epoch %d of %d", int(state["epoch"]), epochs)
+    return model, model.optimizer, int(state["epoch"])
 
 
 def _log_final(monitor: TrainingMonitor, values: dict, epoch: int) -> None:
@@ -417,6 +470,7 @@ def infer(cfg: DictConfig, run_dir: Path) -> dict:
     check_infer(cfg)
     run_dir = Path(run_dir)
     backend, mode = _value(cfg.translate.backend), _value(cfg.compile.mode)
+    modes = compile_modes(cfg)
     model = _load_checkpoint(cfg.checkpoint, backend) if cfg.checkpoint else None
     if _value(cfg.data.source) == "simulate":
         n = int(model.get_layer("diffraction").output.shape[1]) if model else cfg.n
@@ -427,10 +481,10 @@ def infer(cfg: DictConfig, run_dir: Path) -> dict:
     network = None
     if model is not None:
         try:
-            network = _evaluation(cfg, scan)(model)
+            network = _evaluation(cfg, scan, modes["reconstruct"])(model)
         except ScanMismatch as error:
             raise DataError(f"{cfg.data.path or 'data'}: {error}") from error
-    refined = _refine_stage(cfg, scan, network, run_dir)
+    refined = _refine_stage(cfg, scan, network, run_dir, modes["refine"])
     summary = {
         **_stage_metrics(network, refined),
         "patterns": scan.n_positions,
@@ -438,9 +492,15 @@ def infer(cfg: DictConfig, run_dir: Path) -> dict:
         "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
         "translate": backend,
         "compile": mode,
+        "compile_stages": modes,
     }
     if network is not None:
-        summary.update(patterns_per_s=network[0].patterns_per_s, traces=network[0].traces)
+        summary.update(
+            patterns_per_s=network[0].patterns_per_s,
+            traces=network[0].traces,
+            groups=network[0].groups,
+            infer_groups=_value(cfg.infer_groups),
+        )
     title = _write_reconstruction(cfg, run_dir, scan, network, refined)
     write_json(summary, run_dir / "metrics.json")
     log.info("reconstructed %d patterns in %.1f s; %s", scan.n_positions, summary["seconds"], title)
@@ -476,7 +536,7 @@ def _load_failure(error: Exception) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _refine_stage(cfg: DictConfig, scan: Scan, network, run_dir: Path):
+def _refine_stage(cfg: DictConfig, scan: Scan, network, run_dir: Path, compile_mode: str):
     """``(RefineResult, metrics)`` of ``refine=...`` started from the network's
     reconstruction (or flat without one); None with ``refine=off``. Progress goes to
     the terminal, TensorBoard (``refine/*`` in ``tb/``) and ``refine.png``."""
@@ -496,7 +556,7 @@ def _refine_stage(cfg: DictConfig, scan: Scan, network, run_dir: Path):
             options,
             initial=network[0].obj if network else None,
             backend=_value(cfg.translate.backend),
-            compile_mode=_value(cfg.compile.mode),
+            compile_mode=compile_mode,
             register=cfg.metrics.register,
             remove_phase_ramp=cfg.metrics.remove_phase_ramp,
             writer=writer,

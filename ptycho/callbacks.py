@@ -81,6 +81,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         eval_minutes: tuple[float, ...] = (),
         log_probe: bool = False,
         stream=None,
+        agree=None,
     ):
         super().__init__()
         self.run_dir = Path(run_dir)
@@ -93,6 +94,9 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.max_minutes = max_minutes
         self.eval_minutes = sorted(eval_minutes)
         self.log_probe = log_probe
+        # Workers of a multi-worker run must stop at the same epoch: a stop decided on
+        # one (its clock) is made common (Distribution.agree); one process: as is.
+        self.agree = agree or (lambda flag: flag)
         self.writer = tf.summary.create_file_writer(str(self.run_dir / "tb"))
         self.nan_at: tuple[int, int] | None = None
         self.stop_requested = False
@@ -226,7 +230,9 @@ class TrainingMonitor(keras.callbacks.Callback):
     def _stop_if_done(self, epoch: int, minutes: float) -> None:
         if self.stop_requested:  # requested during this epoch's evaluation or checkpoint
             self.model.stop_training = True
-        elif self.max_minutes is not None and minutes >= self.max_minutes and epoch != self.epochs:
+            return
+        late = self.max_minutes is not None and minutes >= self.max_minutes
+        if self.agree(late) and epoch != self.epochs:
             log.info("stopping after epoch %d: %.1f min >= train.max_minutes", epoch, minutes)
             self.model.stop_training = True
 

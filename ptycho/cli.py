@@ -34,8 +34,8 @@ def run_job(function, *args):
     cfg = args[0] if args else None
     if getattr(cfg, "verbose", False):
         logging.getLogger("ptycho").setLevel(logging.DEBUG)
-    _initialise_devices()
     try:
+        _initialise_devices(cfg)
         return function(*args)
     except ConfigError as error:
         _fail(error, CONFIG_EXIT)
@@ -51,14 +51,26 @@ def run_job(function, *args):
         _fail(error, RUNTIME_EXIT)
 
 
-def _initialise_devices() -> None:
+def _initialise_devices(cfg=None) -> None:
     """Find TensorFlow's devices now, where the ``failed call to cuInit`` notice of a
-    machine without a GPU can be filtered, rather than at the first operation."""
+    machine without a GPU can be filtered, rather than at the first operation.
+
+    With a ``distribute`` section, the CPU is split first (``distribute.cpu_devices``:
+    only possible before the devices are initialised) and the strategy is created
+    right after (a multi-worker strategy sets up its collectives before any other work).
+    """
     from ptycho.quiet import native_notices_filtered
 
+    section = getattr(cfg, "distribute", None)
     with native_notices_filtered():
         import tensorflow as tf
 
+        if section is not None:
+            from ptycho.distribute import configure_devices, make_distribution
+
+            configure_devices(section.cpu_devices)
+            strategy = section.strategy
+            make_distribution(getattr(strategy, "value", strategy), section.cpu_devices)
         tf.config.list_logical_devices()
 
 

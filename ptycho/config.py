@@ -52,6 +52,18 @@ class CompileMode(Enum):
     jit = "jit"
     graph = "graph"
     eager = "eager"
+    auto = "auto"  # per device and stage: ptycho.hardware.resolve_compile
+
+
+class InferGroups(Enum):
+    all = "all"
+    tile = "tile"
+
+
+class Strategy(Enum):
+    none = "none"
+    mirrored = "mirrored"
+    multiworker = "multiworker"
 
 
 class DataSource(Enum):
@@ -98,6 +110,14 @@ class TranslateSection:
 @dataclass
 class CompileSection:
     mode: CompileMode = CompileMode.jit
+
+
+@dataclass
+class DistributeSection:
+    """Data-parallel training with tf.distribute (ptycho/distribute.py)."""
+
+    strategy: Strategy = Strategy.none
+    cpu_devices: int = 0  # >= 2: split the CPU into logical devices (tests, a CPU-only dry run)
 
 
 @dataclass
@@ -245,7 +265,9 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     refine: RefineOptions = field(default_factory=RefineOptions)
+    distribute: DistributeSection = field(default_factory=DistributeSection)
     infer_batch_size: int = 64
+    infer_groups: InferGroups = InferGroups.all
     align_phase: bool = True
     resume: bool = False
     verbose: bool = False  # debug logs and TensorFlow's native start-up notices
@@ -261,6 +283,7 @@ class InferConfig:
     refine: RefineOptions = field(default_factory=RefineOptions)
     n: int = 64  # pattern size of a simulated scan when no checkpoint sets it
     infer_batch_size: int = 64
+    infer_groups: InferGroups = InferGroups.all
     align_phase: bool = True
     verbose: bool = False  # debug logs and TensorFlow's native start-up notices
 

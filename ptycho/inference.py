@@ -7,8 +7,10 @@ they come (:class:`ptycho.stitch.Stitcher`), so memory does not grow with the sc
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import keras
@@ -17,9 +19,9 @@ import tensorflow as tf
 from scipy.spatial import cKDTree
 
 from ptycho import metrics
-from ptycho.data.grouping import group_offsets, group_positions, scan_step
+from ptycho.data.grouping import group_offsets, group_positions, scan_step, tile_groups
 from ptycho.data.scan import Scan
-from ptycho.stitch import Stitcher, object_shape_for
+from ptycho.stitch import Stitcher, object_shape_for, place_patches, window_corners
 
 __all__ = [
     "Evaluation",
@@ -52,6 +54,7 @@ class Reconstruction:
     # (measured, predicted) amplitudes of a few fixed positions (first, middle, last
     # group's first member), in the model's units: what the data-consistency looks like.
     diffraction_pairs: list = field(default_factory=list)
+    groups: int = 0  # groups the network evaluated
 
     @property
     def patterns_per_s(self) -> float:
@@ -92,16 +95,22 @@ def reconstruct(
     compile_mode: str = "jit",
     backend: str = "xla",
     grouping: str = "auto",
+    groups: str = "all",
     align_phase: bool = True,
     shape: tuple[int, int] | None = None,
     predict_fn=None,
 ) -> Reconstruction:
     """Reconstruct the object of ``scan`` with a trained (training) model.
 
-    Every position seeds one group of C = gridsize^2 neighbours; each group's C
-    object patches (after the overlap constraint) are stitched at their global
-    positions, weighted by the probe intensity. The R-factor and Poisson NLL compare
-    the predicted far-field amplitudes with the measured ones (both normalised).
+    Positions are grouped in C = gridsize^2 neighbours; each group's C object patches
+    (after the overlap constraint) are stitched at their global positions, weighted by
+    the probe intensity. The R-factor and Poisson NLL compare the predicted far-field
+    amplitudes with the measured ones (both normalised).
+
+    Per batch, the model's prediction is one compiled call and the placement of its
+    patches (sub-pixel warp, weights) with the data-consistency sums another (XLA with
+    the xla backend); the next batch is predicted on a second thread while this one is
+    added to the canvases, so the host's stitching overlaps the network.
 
     Parameters
     ----------
@@ -117,44 +126,54 @@ def reconstruct(
     grouping : {"auto", "block", "nearest"}
         How positions are grouped (:func:`ptycho.data.group_positions`); use the
         training's choice.
+    groups : {"all", "tile"}
+        "all": every group of the grouping (on a raster each position is predicted in
+        up to C groups and the predictions are averaged); "tile": a subset in which
+        each position is predicted once where the groups allow it
+        (:func:`ptycho.data.tile_groups`), about C times fewer network evaluations.
     align_phase : bool
         Phase-align each group to what is already stitched (:class:`Stitcher`): the
         network's output is only defined up to a constant phase per group.
     shape : (H, W), optional
         Object frame; default the ground truth's shape, or just large enough.
     predict_fn : callable, optional
-        A compiled ``inputs -> outputs`` to reuse (e.g. across evaluations in training).
+        ``inputs -> {"amplitude", "object"}`` to use instead of the model (a compiled
+        one reused across evaluations in training, or a stand-in in tests).
     """
     n, gridsize = _check_scan(model, scan)
     start = time.perf_counter()
-    groups = group_positions(scan.xcoords, scan.ycoords, gridsize, method=grouping)
-    centres, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
-    positions = centres[:, None, :] + offsets  # (G, C, 2) global [x, y] of every patch
-    factor = float(model.get_layer("normalise").factor)
+    chosen = group_positions(scan.xcoords, scan.ycoords, gridsize, method=grouping)
+    if groups == "tile":
+        chosen = tile_groups(chosen, scan.n_positions)
+    elif groups != "all":
+        raise ValueError(f"groups must be 'all' or 'tile', got {groups!r}")
+    centres, offsets = group_offsets(scan.xcoords, scan.ycoords, chosen)
+    positions = (centres[:, None, :] + offsets).reshape(-1, 2)  # every patch's [x, y]
+    row0, col0, fractions = window_corners(positions[:, 0], positions[:, 1], n)
+    factor = tf.constant(float(model.get_layer("normalise").factor), tf.float32)
     if shape is None:
         shape = (
             scan.object.shape
             if scan.object is not None
             else object_shape_for(scan.xcoords, scan.ycoords, n)
         )
-    probe = model.get_layer("illumination").probe.numpy()
+    c = gridsize * gridsize
     stitcher = Stitcher(
         shape,
         n,
-        probe=probe,
+        probe=model.get_layer("illumination").probe.numpy(),
         backend=backend,
-        batch_size=batch_size * gridsize * gridsize,
+        batch_size=batch_size * c,
         align_phase=align_phase,
     )
     if predict_fn is None:
         predict_fn = make_predict_fn(model, compile_mode)
-    c = gridsize * gridsize
-    abs_error = measured_sum = nll_sum = 0.0
-    count = 0
-    shown = sorted({0, len(groups) // 2, len(groups) - 1})
-    pairs = []
-    for first in range(0, len(groups), batch_size):
-        index = groups[first : first + batch_size]
+    finish = _batch_outputs(backend)
+    shown = sorted({0, len(chosen) // 2, len(chosen) - 1})
+
+    def predict(first: int):
+        """Everything of one batch but the canvases: runs on the worker thread."""
+        index = chosen[first : first + batch_size]
         size = len(index)
         amplitudes = np.zeros((batch_size, n, n, c), np.float32)
         amplitudes[:size] = np.moveaxis(scan.diffraction[index], 1, -1)
@@ -164,28 +183,86 @@ def reconstruct(
             shifts[:size] = offsets[first : first + batch_size]
             inputs["offsets"] = tf.constant(shifts)
         outputs = predict_fn(inputs)
-        predicted = outputs["amplitude"].numpy()[:size].astype(np.float64)
-        measured = amplitudes[:size].astype(np.float64) * factor
-        abs_error += float(np.sum(np.abs(predicted - measured)))
-        measured_sum += float(np.sum(measured))
-        nll_sum += metrics.poisson_nll(predicted, measured) * predicted.size
-        count += predicted.size
-        for group in (g for g in shown if first <= g < first + size):
-            pairs.append((measured[group - first, ..., 0], predicted[group - first, ..., 0]))
-        patches = np.moveaxis(outputs["object"].numpy()[:size], -1, 1).reshape(-1, n, n)
-        where = positions[first : first + batch_size].reshape(-1, 2)
-        stitcher.add(patches, where[:, 0], where[:, 1], group_size=c)
+        where = np.zeros((batch_size * c, 2), np.float32)
+        where[: size * c] = fractions[first * c : (first + size) * c]
+        windows, sums = finish(
+            outputs["object"],
+            outputs["amplitude"],
+            inputs["diffraction"],
+            tf.constant(where),
+            tf.constant(np.arange(batch_size) < size),
+            stitcher.weight,
+            factor,
+        )
+        pairs = [
+            (
+                amplitudes[g - first, ..., 0] * float(factor),
+                np.asarray(outputs["amplitude"][g - first, ..., 0]),
+            )
+            for g in shown
+            if first <= g < first + size
+        ]
+        count = size * c
+        return first, count, windows.numpy()[:count], sums.numpy(), pairs
+
+    totals = np.zeros(3)
+    pairs = []
+    batches = range(0, len(chosen), batch_size)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptycho-predict") as worker:
+        pending = worker.submit(predict, batches[0])
+        for following in [*batches[1:], None]:
+            first, count, windows, sums, shown_pairs = pending.result()
+            if following is not None:
+                pending = worker.submit(predict, following)
+            totals += sums.sum(axis=0, dtype=np.float64)
+            pairs += shown_pairs
+            patches = slice(first * c, first * c + count)
+            stitcher.accumulate(windows, row0[patches], col0[patches], group_size=c)
     obj, mask = stitcher.result()
+    abs_error, measured_sum, nll_sum = totals
     return Reconstruction(
         obj=obj,
         mask=mask,
         r_factor=abs_error / measured_sum if measured_sum > 0 else math.nan,
-        poisson_nll=nll_sum / count,
+        poisson_nll=nll_sum / (len(chosen) * c * n * n),
         patterns=scan.n_positions,
         seconds=time.perf_counter() - start,
         traces=_tracing_count(predict_fn),
         diffraction_pairs=pairs,
+        groups=len(chosen),
     )
+
+
+@functools.cache
+def _batch_outputs(backend: str):
+    """The compiled second half of a batch: ``(objects (B, N, N, C) complex, predicted
+    amplitudes (B, N, N, C), raw measured amplitudes (B, N, N, C), fractions (B C, 2),
+    valid (B,) bool, weight (N + 1, N + 1), factor) -> (windows, sums)``: the
+    patches placed for the stitcher (:func:`ptycho.stitch.place_patches`) and the sums
+    of ``| p - a |``, ``a`` and the Poisson NLL of each group, (B, 3), zero for padded
+    rows, with ``a`` = raw * factor."""
+
+    def finish(objects, predicted, raw, fractions, valid, weight, factor):
+        n = tf.shape(objects)[1]
+        patches = tf.reshape(tf.transpose(objects, (0, 3, 1, 2)), (-1, n, n))
+        windows = place_patches(tf.cast(patches, tf.complex64), fractions, weight, backend)
+        # Per-group sums in float32 (16k terms each), added up in float64 on the host:
+        # float64 arithmetic here would double the cost of this function.
+        keep = tf.cast(valid, tf.float32)[:, None]
+        predicted = tf.reshape(tf.cast(predicted, tf.float32), (tf.shape(objects)[0], -1))
+        measured = tf.reshape(tf.cast(raw, tf.float32), tf.shape(predicted)) * factor
+        rate = tf.square(predicted) + 1e-12
+        sums = tf.stack(
+            [
+                tf.reduce_sum(tf.abs(predicted - measured) * keep, axis=1),
+                tf.reduce_sum(measured * keep, axis=1),
+                tf.reduce_sum((rate - tf.math.xlogy(tf.square(measured), rate)) * keep, axis=1),
+            ],
+            axis=1,
+        )
+        return windows, sums
+
+    return tf.function(finish, jit_compile=(backend == "xla"), autograph=False)
 
 
 def make_predict_fn(model: keras.Model, compile_mode: str):
@@ -270,6 +347,7 @@ class Evaluation:
     compile_mode: str = "jit"
     backend: str = "xla"
     grouping: str = "auto"
+    groups: str = "all"
     align_phase: bool = True
     register: bool = True
     remove_phase_ramp: bool = False
@@ -282,6 +360,7 @@ class Evaluation:
             compile_mode=self.compile_mode,
             backend=self.backend,
             grouping=self.grouping,
+            groups=self.groups,
             align_phase=self.align_phase,
             predict_fn=predict_fn,
         )

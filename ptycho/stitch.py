@@ -21,6 +21,8 @@ __all__ = [
     "extract_patches",
     "illumination",
     "object_shape_for",
+    "place_patches",
+    "window_corners",
     "reassemble_patches",
     "stitch_patches",
 ]
@@ -120,25 +122,47 @@ def object_shape_for(xcoords: np.ndarray, ycoords: np.ndarray, n: int) -> tuple[
     )
 
 
+def place_patches(patches, fractions, weight, backend: str = "xla"):
+    """Patches weighted by ``weight`` and shifted by their sub-pixel fractions.
+
+    patches (B, N, N) complex64, fractions (B, 2) [fx, fy] in [0, 1), weight
+    (N + 1, N + 1) float32 -> windows (B, N + 1, N + 1, 3) float32: the real and
+    imaginary parts times the weight, and the weight, shifted into place (a window's
+    corner is the integer part of the patch's top-left corner). Real channels rather
+    than a complex result: XLA on a CPU takes three times as long to build the complex
+    tensor as to warp.
+    """
+    padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
+    weight = tf.broadcast_to(weight, tf.shape(padded))
+    stacked = tf.stack(
+        [tf.math.real(padded) * weight, tf.math.imag(padded) * weight, weight], axis=-1
+    )
+    return translate(stacked, fractions, backend=backend)
+
+
 @functools.cache
 def placement_function(backend: str):
-    """The compiled ``(patches, fractions, weight) -> windows`` of a backend.
+    """The compiled :func:`place_patches` of a backend (XLA for "xla").
 
     Shared by every :class:`Stitcher`, so reconstructing many scans with the same batch
-    size traces it once. patches (B, N, N) complex64, fractions (B, 2) [fx, fy] in
-    [0, 1), weight (N + 1, N + 1) float32 -> (B, N + 1, N + 1, 3): real and imaginary
-    parts times the weight, and the weight, shifted into place.
+    size traces it once.
     """
 
     def place(patches, fractions, weight):
-        padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
-        weight = tf.broadcast_to(weight, tf.shape(padded))
-        stacked = tf.stack(
-            [tf.math.real(padded) * weight, tf.math.imag(padded) * weight, weight], axis=-1
-        )
-        return translate(stacked, fractions, backend=backend)
+        return place_patches(patches, fractions, weight, backend)
 
-    return tf.function(place, jit_compile=(backend == "xla"))
+    return tf.function(place, jit_compile=(backend == "xla"), autograph=False)
+
+
+def window_corners(xcoords, ycoords, n: int):
+    """``(row0, col0, fractions)`` of patches centred at (x, y): the integer corner of
+    each (N + 1) x (N + 1) window and the sub-pixel shift [fx, fy] (float32) that places
+    the patch inside it."""
+    top = np.asarray(ycoords, np.float64) - n / 2
+    left = np.asarray(xcoords, np.float64) - n / 2
+    row0, col0 = np.floor(top).astype(np.int64), np.floor(left).astype(np.int64)
+    fractions = np.stack([left - col0, top - row0], axis=1).astype(np.float32)
+    return row0, col0, fractions
 
 
 class Stitcher:
@@ -147,8 +171,9 @@ class Stitcher:
     Each patch is placed at its position with the project's translation (sub-pixel
     part) and a slice (integer part), weighted by the illumination ``|P|^2``; the
     object is the weighted sum divided by the summed weight. Memory is two
-    object-sized float64 canvases whatever the number of patches; the warp runs in
-    fixed-size batches (the last one padded), so a compiled function is traced once.
+    object-sized canvases (complex128 and float64) whatever the number of patches; the
+    warp runs in fixed-size batches (the last one padded), so a compiled function is
+    traced once.
 
     Parameters
     ----------
@@ -193,9 +218,9 @@ class Stitcher:
             raise ValueError(f"probe must be ({n}, {n}), got {weight.shape}")
         self.threshold = weight_threshold * float(weight.max())
         # Patch (N x N) padded to the (N + 1) x (N + 1) window its bilinear shift needs.
-        self._weight = tf.constant(np.pad(weight, ((0, 1), (0, 1))).astype(np.float32))
-        self._numerator = np.zeros((*self.shape, 2))
-        self._denominator = np.zeros(self.shape)
+        self.weight = tf.constant(np.pad(weight, ((0, 1), (0, 1))).astype(np.float32))
+        self._numerator = np.zeros(self.shape, np.complex128)  # sum of weight * patch
+        self._denominator = np.zeros(self.shape)  # sum of weights
         self._place = placement_function(backend)
         self.backend = backend
 
@@ -214,7 +239,6 @@ class Stitcher:
         ``align_phase``; M and the batch size must be multiples of it.
         """
         patches = np.asarray(patches, np.complex64)
-        xcoords, ycoords = np.asarray(xcoords, np.float64), np.asarray(ycoords, np.float64)
         n = self.n
         if patches.ndim != 3 or patches.shape[1:] != (n, n) or len(patches) != len(xcoords):
             raise ValueError(
@@ -226,30 +250,56 @@ class Stitcher:
                 f"{len(patches)} patches in batches of {self.batch_size} cannot be cut into "
                 f"groups of {group_size}"
             )
-        top, left = ycoords - n / 2, xcoords - n / 2
-        row0, col0 = np.floor(top).astype(np.int64), np.floor(left).astype(np.int64)
-        fractions = np.stack([left - col0, top - row0], axis=1).astype(np.float32)
+        row0, col0, fractions = window_corners(xcoords, ycoords, n)
         for start in range(0, len(patches), self.batch_size):
             stop = min(start + self.batch_size, len(patches))
             count = stop - start
             batch = np.zeros((self.batch_size, n, n), np.complex64)
             shifts = np.zeros((self.batch_size, 2), np.float32)
             batch[:count], shifts[:count] = patches[start:stop], fractions[start:stop]
-            windows = self._place(tf.constant(batch), tf.constant(shifts), self._weight)
-            windows = windows.numpy()[:count].astype(np.float64)
-            for first in range(0, count, group_size):
-                group = slice(first, first + group_size)
-                places = [
-                    self._clip(r, c)
-                    for r, c in zip(row0[start:stop][group], col0[start:stop][group], strict=True)
-                ]
-                if self.align_phase:
-                    self._rotate_to_canvas(windows[group], places)
-                for window, (canvas, inside) in zip(windows[group], places, strict=True):
-                    if canvas is None:
-                        continue
-                    self._numerator[canvas] += window[inside][..., :2]
-                    self._denominator[canvas] += window[inside][..., 2]
+            windows = self._place(tf.constant(batch), tf.constant(shifts), self.weight)
+            self.accumulate(
+                windows.numpy()[:count],
+                row0[start:stop],
+                col0[start:stop],
+                group_size=group_size,
+            )
+
+    def accumulate(
+        self,
+        windows: np.ndarray,
+        row0: np.ndarray,
+        col0: np.ndarray,
+        *,
+        group_size: int = 1,
+    ) -> None:
+        """Add placed windows (:func:`place_patches`, (M, N + 1, N + 1, 3)) whose
+        corners are (row0, col0), group by group (phase-aligned as one with
+        ``align_phase``)."""
+        span = self.n + 1
+        height, width = self.shape
+        inside = (row0 >= 0) & (col0 >= 0) & (row0 + span <= height) & (col0 + span <= width)
+        values = np.empty(windows.shape[:3], np.complex64)
+        values.real, values.imag = windows[..., 0], windows[..., 1]
+        weights = windows[..., 2]
+        numerator, denominator = self._numerator, self._denominator
+        for first in range(0, len(windows), group_size):
+            members = range(first, first + group_size)
+            places = [
+                ((slice(row0[j], row0[j] + span), slice(col0[j], col0[j] + span)), ...)
+                if inside[j]
+                else self._clip(int(row0[j]), int(col0[j]))
+                for j in members
+            ]
+            rotation = self._rotation(values, members, places) if self.align_phase else None
+            for j, (where, part) in zip(members, places, strict=True):
+                if where is None:
+                    continue
+                if rotation is None:
+                    numerator[where] += values[j][part]
+                else:
+                    numerator[where] += rotation * values[j][part]
+                denominator[where] += weights[j][part]
 
     def _clip(self, row: int, col: int):
         """(canvas slices, window slices) of a window whose corner is (row, col); (None,
@@ -265,31 +315,20 @@ class Stitcher:
             slice(c0 - col, c1 - col),
         )
 
-    def _rotate_to_canvas(self, windows: np.ndarray, places) -> None:
-        """Multiply a group's placed patches, in place, by ``exp(i phi)``, phi the phase of
-        their weighted overlap with the stitched object so far (nothing when none)."""
+    def _rotation(self, values: np.ndarray, members, places) -> complex | None:
+        """``exp(i phi)``, phi the phase of a group's weighted overlap with the stitched
+        object so far (None when there is none)."""
         overlap = 0j
-        for window, (canvas, inside) in zip(windows, places, strict=True):
-            if canvas is None:
-                continue
-            stitched = self._numerator[canvas]
-            placed = window[inside]
-            overlap += np.sum(
-                (stitched[..., 0] + 1j * stitched[..., 1]) * (placed[..., 0] - 1j * placed[..., 1])
-            )
-        if abs(overlap) == 0:
-            return
-        rotation = overlap / abs(overlap)
-        real, imag = windows[..., 0].copy(), windows[..., 1]
-        windows[..., 0] = real * rotation.real - imag * rotation.imag
-        windows[..., 1] = real * rotation.imag + imag * rotation.real
+        for j, (where, part) in zip(members, places, strict=True):
+            if where is not None:
+                overlap += np.vdot(values[j][part], self._numerator[where])
+        return overlap / abs(overlap) if abs(overlap) > 0 else None
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(object, mask)``: (H, W) complex64 and bool (covered pixels)."""
         mask = self._denominator > self.threshold
         safe = np.where(mask, self._denominator, 1.0)
-        obj = (self._numerator[..., 0] + 1j * self._numerator[..., 1]) / safe
-        return np.where(mask, obj, 0).astype(np.complex64), mask
+        return np.where(mask, self._numerator / safe, 0).astype(np.complex64), mask
 
     @property
     def traces(self) -> int:

@@ -570,6 +570,7 @@ def test_hydra_is_only_used_by_the_entry_points_and_the_glue():
     assert users <= {"config.py", "cli.py"}  # ConfigStore registration, entry-point checks
     readers = {name for name, text in sources.items() if "os.environ" in text}
     # HYDRA_FULL_ERROR for tracebacks; PTYCHO_VERBOSE and TF_CPP_MIN_LOG_LEVEL before
-    # TensorFlow loads (the terminal's start-up notices)
-    assert readers <= {"cli.py", "quiet.py", "__init__.py"}
+    # TensorFlow loads (the terminal's start-up notices); the cluster (TF_CONFIG, SLURM)
+    # of a multi-worker run
+    assert readers <= {"cli.py", "quiet.py", "__init__.py", "distribute.py"}
     assert hydra.__version__.startswith("1.")

@@ -20,6 +20,7 @@ from ptycho.data import (
     save_scan,
     scan_positions,
     simulate,
+    tile_groups,
 )
 
 
@@ -513,3 +514,32 @@ def test_gridsize_one_batches_carry_no_offsets():
     inputs, target = next(iter(make_dataset(scan, groups, norm_factor=2.0, batch_size=4)))
     assert set(inputs) == {"diffraction"} and inputs["diffraction"].shape == (4, 16, 16, 1)
     assert set(target) == {"amplitude"}
+
+
+@pytest.mark.parametrize(("side", "gridsize"), [(8, 2), (9, 2), (9, 3), (7, 3)])
+def test_tiled_raster_groups_predict_every_position_once_where_the_side_allows(side, gridsize):
+    """A side that is a multiple of g is tiled exactly (each position in one group);
+    otherwise every position is still covered and only the last g rows and columns are
+    predicted more than once."""
+    rows, cols = np.divmod(np.arange(side * side), side)
+    x, y = 10.0 + 4.0 * cols, 10.0 + 4.0 * rows
+    groups = group_positions(x, y, gridsize)
+    tiled = tile_groups(groups, side * side)
+    assert set(map(tuple, tiled)) <= set(map(tuple, groups))  # a subset, same groups
+    times = np.bincount(tiled.ravel(), minlength=side * side)
+    assert times.min() == 1
+    if side % gridsize == 0:
+        assert times.max() == 1 and len(tiled) == (side // gridsize) ** 2
+    else:
+        # The extra groups are the last g rows and columns' blocks.
+        covered_once = (rows < side - gridsize) & (cols < side - gridsize)
+        assert (times[covered_once] == 1).all()
+        assert len(tiled) < len(groups)
+
+
+def test_tiled_irregular_groups_cover_every_position_with_fewer_groups():
+    scan = simulate(n=64, n_positions=300, scan="spiral", step=0.1, nphotons=None, seed=4)
+    groups = group_positions(scan.xcoords, scan.ycoords, 2)
+    tiled = tile_groups(groups, scan.n_positions)
+    assert np.bincount(tiled.ravel(), minlength=scan.n_positions).min() == 1
+    assert len(tiled) < 0.5 * len(groups)

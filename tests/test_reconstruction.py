@@ -16,8 +16,9 @@ import scipy.ndimage
 import tensorflow as tf
 
 import ptycho  # noqa: F401
-from ptycho.data import group_positions, normalisation_factor, scan_step, simulate
+from ptycho.data import group_offsets, group_positions, normalisation_factor, scan_step, simulate
 from ptycho.inference import Reconstruction, reconstruct, scan_region, scored
+from ptycho.metrics import poisson_nll, r_factor
 from ptycho.model import ModelConfig, build_model
 
 N = 64
@@ -263,3 +264,39 @@ def test_the_unscanned_corners_of_a_spiral_are_not_scored():
     result = given_object(obj, reached, scan)
     values = scored(result, scan)
     assert values["amp_ssim"] > 0.999 and values["phase_ssim"] > 0.999
+
+
+@pytest.mark.parametrize("gridsize", [1, 2])
+def test_tiled_groups_reconstruct_the_truth_with_fewer_predictions(grid_scan, gridsize):
+    """groups="tile": every position predicted (about) once; the truth still comes out
+    exactly, from about C times fewer groups."""
+    scan = grid_scan
+    model, factor = model_for(scan, gridsize=gridsize)
+    every = group_positions(scan.xcoords, scan.ycoords, gridsize)
+    result = reconstruct(
+        model, scan, batch_size=8, predict_fn=TruthOracle(scan, factor), groups="tile"
+    )
+    assert result.groups < len(every) or gridsize == 1
+    assert result.groups >= math.ceil(scan.n_positions / gridsize**2)
+    assert result.r_factor < 1e-3
+    np.testing.assert_allclose(result.obj[result.mask], scan.object[result.mask], atol=1e-5)
+    full = reconstruct(model, scan, batch_size=8, predict_fn=TruthOracle(scan, factor))
+    np.testing.assert_array_equal(result.mask, full.mask)  # the same coverage
+
+
+def test_data_consistency_figures_match_numpy_on_the_same_predictions(grid_scan):
+    """R-factor and Poisson NLL, summed per group in the compiled batch function (padded
+    rows excluded), against scipy/numpy on the model's own predictions of every group."""
+    scan = grid_scan
+    model, factor = model_for(scan, gridsize=2)
+    result = reconstruct(model, scan, batch_size=8, compile_mode="graph")
+    groups = group_positions(scan.xcoords, scan.ycoords, 2)
+    _, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
+    measured = np.moveaxis(scan.diffraction[groups], 1, -1).astype(np.float32)
+    predicted = model(
+        {"diffraction": measured, "offsets": offsets.astype(np.float32)}, training=False
+    )["amplitude"].numpy()
+    measured = measured.astype(np.float64) * factor
+    assert len(groups) % 8  # the last batch is padded: padding must not count
+    assert result.r_factor == pytest.approx(r_factor(predicted, measured), rel=1e-5)
+    assert result.poisson_nll == pytest.approx(poisson_nll(predicted, measured), rel=1e-5)

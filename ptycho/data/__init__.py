@@ -1,6 +1,6 @@
 """Scan data: the Scan value, file formats, simulation, grouping and batching."""
 
-from ptycho.data.grouping import GROUPINGS, group_offsets, group_positions, scan_step
+from ptycho.data.grouping import GROUPINGS, group_offsets, group_positions, scan_step, tile_groups
 from ptycho.data.io import ScanFileError, load_scan, save_scan
 from ptycho.data.pipeline import make_dataset, normalisation_factor
 from ptycho.data.scan import Scan
@@ -12,6 +12,7 @@ __all__ = [
     "ScanFileError",
     "group_offsets",
     "group_positions",
+    "tile_groups",
     "load_scan",
     "make_dataset",
     "make_object",

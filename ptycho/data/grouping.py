@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["GROUPINGS", "group_offsets", "group_positions", "scan_step"]
+__all__ = ["GROUPINGS", "group_offsets", "group_positions", "scan_step", "tile_groups"]
 
 GROUPINGS = ("auto", "block", "nearest")
 LATTICE_TOLERANCE = 0.45  # fraction of the step: how far a raster neighbour may stray
@@ -145,3 +145,30 @@ def group_offsets(
     positions = np.stack([np.asarray(xcoords), np.asarray(ycoords)], axis=1)[groups]
     centres = positions.mean(axis=1)
     return centres, positions - centres[:, None, :]
+
+
+def tile_groups(groups: np.ndarray, n_positions: int) -> np.ndarray:
+    """A subset of ``groups`` that covers every position, each once where possible.
+
+    First pass, in the groups' order: keep a group when none of its members is covered
+    yet (on a raster with g x g blocks in row-major order: the blocks of a g-spaced
+    lattice, an exact tiling); second pass: keep a group when some member is still
+    uncovered (the last rows and columns of a raster whose side is not a multiple of
+    g, and the gaps of irregular scans). Positions in no group stay uncovered.
+
+    Returns
+    -------
+    (G', C) int64, in the original order.
+    """
+    groups = np.asarray(groups, np.int64)
+    covered = np.zeros(n_positions, bool)
+    keep = np.zeros(len(groups), bool)
+    for first_pass in (True, False):
+        for index, members in enumerate(groups):
+            if keep[index]:
+                continue
+            hit = covered[members]
+            if (first_pass and not hit.any()) or (not first_pass and not hit.all()):
+                keep[index] = True
+                covered[members] = True
+    return groups[keep]

@@ -1,0 +1,228 @@
+"""Data-parallel training across devices and machines with TensorFlow's own strategies.
+
+``distribute=none`` trains on one device. ``distribute=mirrored`` replicates the model
+on every GPU of this machine (``tf.distribute.MirroredStrategy``); on a machine without
+GPUs, ``distribute.cpu_devices=K`` splits the CPU into K logical devices, which is how
+the data-parallel path is tested without accelerators. ``distribute=multiworker`` spans
+machines (``MultiWorkerMirroredStrategy``): one process per machine, the cluster read
+from ``TF_CONFIG`` or, on SLURM, from the job's environment (``SlurmClusterResolver``;
+``hydra/launcher=slurm`` with ``tasks_per_node: 1`` and ``nodes: K``).
+
+Keras does the rest: under the strategy's scope the variables are mirrored, ``fit``
+splits every global batch (``train.batch_size``) across the replicas and all-reduces the
+gradients, and the loss is averaged over the global batch, so the learning rate and the
+logged loss mean what they mean on one device. Only the chief (worker 0) writes the run
+folder; the other workers keep their checkpoints in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+
+from ptycho.errors import ConfigError
+
+__all__ = [
+    "STRATEGIES",
+    "Distribution",
+    "configure_devices",
+    "dataset_options",
+    "make_distribution",
+    "prepare_fit",
+]
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("none", "mirrored", "multiworker")
+_CREATED: dict = {}
+
+
+def configure_devices(cpu_devices: int) -> None:
+    """Split the CPU into ``cpu_devices`` logical devices (>= 2; 0 or 1: leave it).
+
+    Must run before TensorFlow initialises its devices (the entry points call it before
+    anything else touches TensorFlow); afterwards a split that is already in place is
+    accepted and any other refused with a ConfigError.
+    """
+    if cpu_devices <= 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration()] * cpu_devices
+    try:
+        tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError as error:  # devices already initialised
+        present = len(tf.config.list_logical_devices("CPU"))
+        if present != cpu_devices:
+            raise ConfigError(
+                f"distribute.cpu_devices={cpu_devices}: TensorFlow's devices were already "
+                f"initialised with {present} CPU device(s); set it when the process starts "
+                "(train.py does)"
+            ) from error
+
+
+@dataclass
+class Distribution:
+    """A strategy and this process's place in it."""
+
+    strategy: tf.distribute.Strategy
+    kind: str = "none"
+    worker: int = 0
+    workers: int = 1
+    _count: object = None  # compiled all-reduce of agree()
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    @property
+    def chief(self) -> bool:
+        """Worker 0 writes the run folder (TensorBoard, checkpoints, outputs)."""
+        return self.worker == 0
+
+    def output_dir(self, run_dir: Path) -> Path:
+        """Where this process writes: the run folder on the chief, a temporary folder
+        on the other workers (their checkpoints are needed only by the strategy)."""
+        if self.chief:
+            return Path(run_dir)
+        return Path(tempfile.mkdtemp(prefix=f"ptycho-worker{self.worker}-"))
+
+    def agree(self, flag: bool) -> bool:
+        """True on every worker when it is True on any (a stop after ``train.max_minutes``
+        must happen at the same epoch everywhere, or the collectives would wait)."""
+        if self.workers == 1:
+            return flag
+        if self._count is None:
+            strategy = self.strategy
+
+            @tf.function(autograph=False)
+            def count(value):
+                local = strategy.run(tf.identity, args=(value,))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, local, axis=None)
+
+            self._count = count
+        return bool(self._count(tf.constant(1.0 if flag else 0.0)) > 0)
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "distribute=none (one device)"
+        devices = ", ".join(getattr(self.strategy.extended, "worker_devices", ()))
+        return (
+            f"distribute={self.kind}: {self.replicas} replicas ({devices}), "
+            f"worker {self.worker} of {self.workers}"
+        )
+
+
+def make_distribution(kind: str, cpu_devices: int = 0) -> Distribution:
+    """The :class:`Distribution` of ``distribute=<kind>`` (one per process: a strategy's
+    collectives are set up once)."""
+    if kind not in STRATEGIES:
+        raise ConfigError(f"distribute={kind}: one of {', '.join(STRATEGIES)}")
+    key = (kind, cpu_devices)
+    if key in _CREATED:
+        return _CREATED[key]
+    if kind == "none":
+        made = Distribution(tf.distribute.get_strategy())
+    elif kind == "mirrored":
+        made = Distribution(tf.distribute.MirroredStrategy(devices=_mirrored_devices()), kind)
+    else:
+        made = _multiworker()
+    _CREATED[key] = made
+    return made
+
+
+def _mirrored_devices() -> list[str] | None:
+    """Every GPU; without GPUs every logical CPU when the CPU is split, else None (the
+    strategy's own choice: the one CPU)."""
+    if tf.config.list_logical_devices("GPU"):
+        return None
+    cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+    return cpus if len(cpus) > 1 else None
+
+
+def _multiworker() -> Distribution:
+    resolver = _cluster_resolver()
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+    )
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options
+    )
+    spec = resolver.cluster_spec().as_dict()
+    workers = len(spec.get("worker", [])) + len(spec.get("chief", []))
+    task = resolver.task_type, int(resolver.task_id or 0)
+    worker = task[1] + (1 if task[0] == "worker" and "chief" in spec else 0)
+    return Distribution(strategy, "multiworker", worker=worker, workers=max(workers, 1))
+
+
+def _cluster_resolver():
+    """TF_CONFIG when set; otherwise SLURM's environment inside a SLURM job."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_NUM_TASKS"):
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=8888)
+    raise ConfigError(
+        "distribute=multiworker needs a cluster: set TF_CONFIG (one process per worker), "
+        "or run inside a SLURM job (hydra/launcher=slurm)"
+    )
+
+
+def prepare_fit(model, dataset: tf.data.Dataset, distribution: Distribution) -> None:
+    """Let Keras's ``fit`` start under ``MultiWorkerMirroredStrategy``.
+
+    Keras 3's TensorFlow trainer builds the model before training from one batch of the
+    distributed dataset, averaged across workers with ``strategy.reduce("MEAN", batch)``;
+    the multi-worker strategy's reduce refuses a nested batch (``{"diffraction": ...}``):
+    "Attempt to convert a value ({'diffraction': PerReplica ...". The batch is only used
+    for its shapes, so the model is built from a local batch of the same dataset instead.
+    The same trainer averages each step's scalar outputs (the loss) across workers with
+    ``strategy.reduce("MEAN", value, axis=0)``, which fails on a scalar ("Invalid
+    reduction dimension 0 for input with 0 dimensions"); scalars are averaged with
+    ``axis=None`` instead (the mean over replicas: what ``axis=0`` means for a batch).
+    Other strategies are left alone.
+    """
+    if distribution.kind != "multiworker":
+        return
+    _average_scalars_across_workers()
+    example = next(iter(dataset.take(1)))
+
+    def build(iterator=None, data_batch=None):
+        with distribution.strategy.scope():
+            model._symbolic_build(data_batch=example)
+
+    model._maybe_symbolic_build = build
+
+
+def _average_scalars_across_workers() -> None:
+    from keras.src.backend.tensorflow import trainer
+
+    original = trainer.reduce_per_replica
+    if getattr(original, "ptycho_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(
+            strategy
+        ):
+            return original(values, strategy, reduction)
+
+        def mean(value):
+            if value.shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction)
+
+        return tf.nest.map_structure(mean, values)
+
+    reduce_per_replica.ptycho_patched = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
+def dataset_options() -> tf.data.Options:
+    """Shard the in-memory dataset by data (there are no files to shard by)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options

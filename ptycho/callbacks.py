@@ -228,12 +228,13 @@ class TrainingMonitor(keras.callbacks.Callback):
         )
 
     def _stop_if_done(self, epoch: int, minutes: float) -> None:
+        late = self.max_minutes is not None and minutes >= self.max_minutes
+        stop = self.agree(self.stop_requested or late)  # every worker asks, every epoch
         if self.stop_requested:  # requested during this epoch's evaluation or checkpoint
             self.model.stop_training = True
-            return
-        late = self.max_minutes is not None and minutes >= self.max_minutes
-        if self.agree(late) and epoch != self.epochs:
-            log.info("stopping after epoch %d: %.1f min >= train.max_minutes", epoch, minutes)
+        elif stop and epoch != self.epochs:
+            why = f"{minutes:.1f} min >= train.max_minutes" if late else "another worker stops"
+            log.info("stopping after epoch %d: %s", epoch, why)
             self.model.stop_training = True
 
     # ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ptycho.errors import ConfigError, Interrupted
 
-__all__ = ["precheck", "run_job"]
+__all__ = ["initialise_devices", "precheck", "run_job"]
 
 log = logging.getLogger("ptycho")
 
@@ -35,7 +35,7 @@ def run_job(function, *args):
     if getattr(cfg, "verbose", False):
         logging.getLogger("ptycho").setLevel(logging.DEBUG)
     try:
-        _initialise_devices(cfg)
+        initialise_devices(cfg)
         return function(*args)
     except ConfigError as error:
         _fail(error, CONFIG_EXIT)
@@ -51,7 +51,7 @@ def run_job(function, *args):
         _fail(error, RUNTIME_EXIT)
 
 
-def _initialise_devices(cfg=None) -> None:
+def initialise_devices(cfg=None) -> None:
     """Find TensorFlow's devices now, where the ``failed call to cuInit`` notice of a
     machine without a GPU can be filtered, rather than at the first operation.
 

@@ -17,7 +17,7 @@ folder; the other workers keep their checkpoints in a temporary folder.
 
 from __future__ import annotations
 
-import logging
+import glob
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,8 +35,6 @@ __all__ = [
     "make_distribution",
     "prepare_fit",
 ]
-
-log = logging.getLogger(__name__)
 
 STRATEGIES = ("none", "mirrored", "multiworker")
 _CREATED: dict = {}
@@ -164,7 +162,11 @@ def _cluster_resolver():
     if os.environ.get("TF_CONFIG"):
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_STEP_NUM_TASKS"):
-        return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=8888)
+        # The resolver would ask nvidia-smi (absent on CPU nodes) for the GPU count.
+        gpus = len(glob.glob("/dev/nvidia[0-9]*"))
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(
+            port_base=8888, gpus_per_node=gpus, auto_set_gpu=gpus > 0
+        )
     raise ConfigError(
         "distribute=multiworker needs a cluster: set TF_CONFIG (one process per worker), "
         "or run inside a SLURM job (hydra/launcher=slurm)"

@@ -33,7 +33,7 @@ def test_auto_precision_on_a_cpu(monkeypatch, precision, mode, flags, expected):
 
 def test_jit_on_a_cpu_gets_a_hint_and_graph_or_a_gpu_does_not(monkeypatch):
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
-    assert "compile=graph" in compile_hint("jit")
+    assert "compile=auto" in compile_hint("jit")
     assert compile_hint("graph") is None
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
     assert compile_hint("jit") is None

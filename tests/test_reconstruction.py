@@ -300,3 +300,15 @@ def test_data_consistency_figures_match_numpy_on_the_same_predictions(grid_scan)
     assert len(groups) % 8  # the last batch is padded: padding must not count
     assert result.r_factor == pytest.approx(r_factor(predicted, measured), rel=1e-5)
     assert result.poisson_nll == pytest.approx(poisson_nll(predicted, measured), rel=1e-5)
+
+
+def test_overlapped_prediction_stitches_the_same_object(grid_scan):
+    """The next batch predicted on a worker thread (the default with a GPU) while the
+    host stitches: the same groups in the same order, so the same object and figures."""
+    scan = grid_scan
+    model, _ = model_for(scan, gridsize=2)
+    plain = reconstruct(model, scan, batch_size=8, compile_mode="graph", overlap=False)
+    overlapped = reconstruct(model, scan, batch_size=8, compile_mode="graph", overlap=True)
+    np.testing.assert_array_equal(overlapped.obj, plain.obj)
+    assert overlapped.r_factor == plain.r_factor
+    assert len(overlapped.diffraction_pairs) == len(plain.diffraction_pairs) == 3

@@ -13,7 +13,7 @@ import pytest
 from ptycho.quiet import is_notice, native_notices_filtered
 
 ROOT = Path(__file__).resolve().parents[1]
-START = "import ptycho; from ptycho.cli import _initialise_devices; _initialise_devices()"
+START = "import ptycho; from ptycho.cli import initialise_devices; initialise_devices()"
 NOTICES = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
     "I0000 00:00:1795827495.635796   11796 port.cc:153] oneDNN custom operations are on. "

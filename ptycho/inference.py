@@ -179,7 +179,7 @@ def reconstruct(
     shown = sorted({0, len(chosen) // 2, len(chosen) - 1})
 
     def predict(first: int):
-        """Everything of one batch but the canvases (on the worker thread, overlapped)."""
+        """Everything of one batch but the canvases (on the worker thread when overlapped)."""
         index = chosen[first : first + batch_size]
         size = len(index)
         amplitudes = np.zeros((batch_size, n, n, c), np.float32)

@@ -356,6 +356,8 @@ def test_ctrl_c_mid_epoch_stops_after_the_step_and_does_not_count_the_epoch(tmp_
         return original(self, batch, logs)
 
     monkeypatch.setattr(TrainingMonitor, "on_train_batch_begin", interrupt_at_epoch_2_step_2)
+    # What the process had (a shell that starts jobs in the background ignores SIGINT).
+    before = signal.getsignal(signal.SIGINT)
     cfg = make_config(overrides=["debug=smoke", "compile=graph", "train.epochs=3"])
     with pytest.raises(Interrupted, match="during epoch 2; the checkpoint of epoch 1") as info:
         app.train(cfg, tmp_path)
@@ -363,7 +365,7 @@ def test_ctrl_c_mid_epoch_stops_after_the_step_and_does_not_count_the_epoch(tmp_
     assert seen[-1] == (2, 2)  # no step after the interrupted one
     assert json.loads((tmp_path / "checkpoints" / "state.json").read_text())["epoch"] == 1
     assert not (tmp_path / "model.keras").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def test_a_second_ctrl_c_interrupts_at_once():
@@ -377,6 +379,7 @@ def test_a_second_ctrl_c_interrupts_at_once():
 
     monitor = Monitor()
     survived_the_first = False
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt), stop_on_interrupt(monitor):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)  # the handler runs between bytecodes
@@ -384,7 +387,7 @@ def test_a_second_ctrl_c_interrupts_at_once():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
     assert survived_the_first and monitor.stop_requested
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_outputs(tmp_path):

@@ -22,9 +22,9 @@ __all__ = [
     "illumination",
     "object_shape_for",
     "place_patches",
-    "window_corners",
     "reassemble_patches",
     "stitch_patches",
+    "window_corners",
 ]
 
 
@@ -128,9 +128,10 @@ def place_patches(patches, fractions, weight, backend: str = "xla"):
     patches (B, N, N) complex64, fractions (B, 2) [fx, fy] in [0, 1), weight
     (N + 1, N + 1) float32 -> windows (B, N + 1, N + 1, 3) float32: the real and
     imaginary parts times the weight, and the weight, shifted into place (a window's
-    corner is the integer part of the patch's top-left corner). Real channels rather
-    than a complex result: XLA on a CPU takes three times as long to build the complex
-    tensor as to warp.
+    corner is the integer part of the patch's top-left corner). One real tensor rather
+    than a complex one and the weights: slicing the warped channels apart into those
+    two outputs measured 4x slower under XLA on the CPU (20 ms against 5 ms for 256
+    patches of 64 x 64).
     """
     padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
     weight = tf.broadcast_to(weight, tf.shape(padded))

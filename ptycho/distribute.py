@@ -25,6 +25,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from ptycho.config import Strategy
 from ptycho.errors import ConfigError
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "prepare_fit",
 ]
 
-STRATEGIES = ("none", "mirrored", "multiworker")
+STRATEGIES = tuple(kind.value for kind in Strategy)  # the config schema's choices
 _CREATED: dict = {}
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "place_patches",
     "reassemble_patches",
     "stitch_patches",
+    "weighted_channels",
     "window_corners",
 ]
 
@@ -134,11 +135,16 @@ def place_patches(patches, fractions, weight, backend: str = "xla"):
     patches of 64 x 64).
     """
     padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
-    weight = tf.broadcast_to(weight, tf.shape(padded))
-    stacked = tf.stack(
-        [tf.math.real(padded) * weight, tf.math.imag(padded) * weight, weight], axis=-1
-    )
-    return translate(stacked, fractions, backend=backend)
+    return translate(weighted_channels(padded, weight), fractions, backend=backend)
+
+
+def weighted_channels(patches, weight):
+    """(B, H, W) complex and a weight broadcastable to it -> (B, H, W, 3) float32: real
+    part times weight, imaginary part times weight, weight. The form in which patches
+    are warped and summed, so one warp moves the values and the weights together."""
+    real, imag = tf.math.real(patches), tf.math.imag(patches)
+    weight = tf.broadcast_to(weight, tf.shape(real))
+    return tf.stack([real * weight, imag * weight, weight], axis=-1)
 
 
 @functools.cache
@@ -395,9 +401,7 @@ def reassemble_patches(patches, offsets, pad: int, support: float, backend: str 
     # Every patch is its own image: (B, N, N, C) -> (B * C, N, N) with a real and an
     # imaginary channel plus its weight, so placing patches and weights is one warp.
     flat = tf.reshape(tf.transpose(patches, (0, 3, 1, 2)), (-1, n, n))
-    real, imag = tf.math.real(flat), tf.math.imag(flat)
-    weight = tf.broadcast_to(_support_mask(n, support), tf.shape(real))
-    stacked = tf.stack([real * weight, imag * weight, weight], axis=-1)
+    stacked = weighted_channels(flat, _support_mask(n, support))
     canvas = tf.pad(stacked, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
     shifts = tf.reshape(offsets, (-1, 2))
     placed = translate(canvas, shifts, backend=backend)

@@ -1,37 +1,10 @@
 """Train PtychoPINN: ``python train.py [group=choice ...] [key=value ...]``.
 
-Thin entry point: composes the configuration (conf/train.yaml) and hands it to
-``ptycho.app.train``. ``USE_XLA_TRANSLATE=0`` / ``USE_XLA_COMPILE=0`` select the legacy
-warp / no XLA when the command line does not choose.
+Composes ``conf/train.yaml`` (every key: docs/configuration.md) and runs
+:func:`ptycho.app.train` in a Hydra run folder (:func:`ptycho.cli.main`).
 """
 
-import os
-import sys
-from pathlib import Path
-
-import hydra
-from omegaconf import DictConfig
-
-if "verbose=true" in sys.argv[1:]:  # before ptycho loads TensorFlow: show its notices too
-    os.environ["PTYCHO_VERBOSE"] = "1"
-
-from ptycho.cli import precheck, run_job  # noqa: E402
-from ptycho.config import register_configs, rollback_overrides  # noqa: E402
-
-CONF = Path(__file__).resolve().parent / "conf"
-register_configs()
-sys.argv += rollback_overrides(sys.argv[1:], os.environ)
-precheck(CONF, "train", sys.argv[1:])
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from ptycho import app
-
-    run_job(app.train, cfg, Path(HydraConfig.get().runtime.output_dir))
-
+from ptycho.cli import main
 
 if __name__ == "__main__":
-    main()
+    main("train")

@@ -1,10 +1,13 @@
-"""Running an app function from an entry point: one clear line on failure, exit codes.
+"""The entry points: ``python train.py`` and ``python infer.py`` are ``main("train")`` and
+``main("infer")``.
 
-Exit codes: 2 for a configuration problem (a typo, a wrong type, an impossible
-combination, a missing file or checkpoint: :class:`ptycho.config.ConfigError`); 1 for a
-failure while running (unreadable or invalid data, a diverged training); 130 after
-Ctrl-C. The message is one line on stderr starting with ``error:``; the full traceback
-is printed only with ``HYDRA_FULL_ERROR=1``.
+``main`` composes ``conf/<name>.yaml`` with Hydra, converts it once into the typed
+configuration (:mod:`ptycho.config`), makes the process's devices and distribution, and
+runs the application (:mod:`ptycho.app`) in the run folder. Failures end with one line on
+stderr starting with ``error:`` and an exit code: 2 for a configuration problem (a typo,
+a wrong type, an impossible combination, a missing file or checkpoint:
+:class:`~ptycho.errors.ConfigError`); 1 for a failure while running (unreadable or invalid
+data, a diverged training); 130 after Ctrl-C. ``HYDRA_FULL_ERROR=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,29 +17,84 @@ import os
 import sys
 from pathlib import Path
 
+from ptycho.config import register_configs, renamed_key_hint, rollback_overrides, typed
 from ptycho.errors import ConfigError, Interrupted
 
-__all__ = ["initialise_devices", "precheck", "run_job"]
+__all__ = ["CONF", "initialise_devices", "main", "precheck", "run_job"]
 
 log = logging.getLogger("ptycho")
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_EXIT = 2
 RUNTIME_EXIT = 1
 INTERRUPT_EXIT = 130
+TRUE_WORDS = ("true", "yes", "on", "1")  # what OmegaConf reads as true, any case
 
 
-def run_job(function, *args):
-    """Call ``function(*args)``; turn failures into one line on stderr and an exit code.
+def main(name: str) -> None:
+    """Run the application ``name`` ("train" or "infer") on the command line's overrides."""
+    import hydra
 
-    With ``verbose=true`` in the configuration (``args[0]``) the ``ptycho`` loggers
-    show debug messages. TensorFlow's devices are initialised first, with its native
-    start-up notices filtered (:mod:`ptycho.quiet`)."""
-    cfg = args[0] if args else None
-    if getattr(cfg, "verbose", False):
+    _show_everything_if_verbose(sys.argv)
+    register_configs()
+    sys.argv += rollback_overrides(sys.argv[1:], os.environ)
+    precheck(CONF, name, sys.argv[1:])
+    job = {"train": _train_job, "infer": _infer_job}[name]
+    hydra.main(version_base="1.3", config_path=str(CONF), config_name=name)(job)()
+
+
+def _train_job(cfg) -> None:
+    _job(cfg, "train")
+
+
+def _infer_job(cfg) -> None:
+    _job(cfg, "infer")
+
+
+def _job(cfg, name: str) -> None:
+    """One Hydra job: the typed configuration, the devices (and for training the
+    distribution), the application in the job's run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ptycho import app
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    def run():
+        config = typed(cfg)
+        if name == "train":
+            return app.train(config, run_dir, initialise_devices(config.distribute))
+        initialise_devices()
+        return app.infer(config, run_dir)
+
+    run_job(run, verbose=bool(cfg.verbose))
+
+
+def _show_everything_if_verbose(argv: list[str]) -> None:
+    """With ``verbose=true`` (any spelling OmegaConf reads as true), restart the process
+    with ``PTYCHO_VERBOSE=1`` unless it is set: TensorFlow's native start-up notices are
+    filtered when the package is imported, before the command line is parsed."""
+    verbose = any(
+        arg.split("=", 1)[0] == "verbose" and arg.split("=", 1)[1].lower() in TRUE_WORDS
+        for arg in argv[1:]
+        if "=" in arg
+    )
+    if verbose and os.environ.get("PTYCHO_VERBOSE") != "1":
+        os.environ["PTYCHO_VERBOSE"] = "1"
+        os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def run_job(function, *, verbose: bool = False):
+    """Call ``function()``; turn failures into one line on stderr and an exit code.
+
+    With ``verbose`` the ``ptycho`` loggers show debug messages."""
+    if verbose:
         logging.getLogger("ptycho").setLevel(logging.DEBUG)
     try:
-        initialise_devices(cfg)
-        return function(*args)
+        return function()
     except ConfigError as error:
         _fail(error, CONFIG_EXIT)
     except Interrupted as error:
@@ -51,27 +109,26 @@ def run_job(function, *args):
         _fail(error, RUNTIME_EXIT)
 
 
-def initialise_devices(cfg=None) -> None:
+def initialise_devices(options=None):
     """Find TensorFlow's devices now, where the ``failed call to cuInit`` notice of a
     machine without a GPU can be filtered, rather than at the first operation.
 
-    With a ``distribute`` section, the CPU is split first (``distribute.cpu_devices``:
-    only possible before the devices are initialised) and the strategy is created
-    right after (a multi-worker strategy sets up its collectives before any other work).
+    With ``distribute`` options the CPU is split first (only possible before the devices
+    are initialised) and the distribution made right after (a multi-worker strategy sets
+    up its collectives before any other work); it is returned, else None.
     """
     from ptycho.quiet import native_notices_filtered
 
-    section = getattr(cfg, "distribute", None)
     with native_notices_filtered():
         import tensorflow as tf
 
-        if section is not None:
-            from ptycho.distribute import configure_devices, make_distribution
+        distribution = None
+        if options is not None:
+            from ptycho.distribute import make_distribution
 
-            configure_devices(section.cpu_devices)
-            strategy = section.strategy
-            make_distribution(getattr(strategy, "value", strategy), section.cpu_devices)
+            distribution = make_distribution(options)
         tf.config.list_logical_devices()
+    return distribution
 
 
 def _one_line(text: str) -> str:
@@ -85,19 +142,20 @@ def _fail(error: BaseException, code: int, prefix: str = "error") -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
     message = f"{prefix}: {_one_line(error) or type(error).__name__}"
-    if logging.getLogger().handlers:  # inside a Hydra job: also into train.log
+    if logging.getLogger().handlers:  # inside a Hydra job: also into the job's log
         log.error(message)
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)
 
 
 def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
-    """Compose the configuration of a single run before Hydra starts it.
+    """Compose and check the configuration of a single run before Hydra starts it.
 
     Hydra reports a bad override with several lines and exit code 1; this reports it
-    as one line with exit code 2, and refuses a run folder (``hydra.run.dir``, given or
-    the default ``outputs/...`` under the current folder) that cannot be written.
-    Sweeps (``-m``) and Hydra's own flags are left to Hydra.
+    as one line with exit code 2 (naming the new key of a renamed one), and refuses a
+    run folder (``hydra.run.dir``, given or the default ``outputs/...`` under the
+    current folder) that cannot be written. Sweeps (``-m``) and Hydra's own flags are
+    left to Hydra.
     """
     if any(arg.startswith("-") for arg in argv):
         return
@@ -111,7 +169,8 @@ def precheck(config_dir: Path, config_name: str, argv: list[str]) -> None:
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
             default_dir = str(cfg.hydra.run.dir)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
-        _fail(error, CONFIG_EXIT)
+        hint = renamed_key_hint(overrides)
+        _fail(ConfigError(hint) if hint else error, CONFIG_EXIT)
     explicit = [arg.split("=", 1)[1] for arg in argv if arg.startswith("hydra.run.dir=")]
     _check_writable(Path(explicit[-1] if explicit else default_dir), default=not explicit)
 

@@ -13,32 +13,55 @@ splits every global batch (``train.batch_size``) across the replicas and all-red
 gradients, and the loss is averaged over the global batch, so the learning rate and the
 logged loss mean what they mean on one device. Only the chief (worker 0) writes the run
 folder; the other workers keep their checkpoints in a temporary folder.
+
+A process makes its :class:`Distribution` once, at start-up (a multi-worker strategy sets
+up its collectives before any other TensorFlow work), and passes it down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import tempfile
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import tensorflow as tf
 
-from ptycho.config import Strategy
-from ptycho.errors import ConfigError
+from ptycho.errors import ConfigError, require
 
 __all__ = [
-    "STRATEGIES",
+    "DistributeOptions",
     "Distribution",
+    "Strategy",
     "configure_devices",
     "dataset_options",
+    "fitting",
     "make_distribution",
-    "prepare_fit",
 ]
 
-STRATEGIES = tuple(kind.value for kind in Strategy)  # the config schema's choices
-_CREATED: dict = {}
+
+class Strategy(StrEnum):
+    none = "none"
+    mirrored = "mirrored"
+    multiworker = "multiworker"
+
+
+@dataclass
+class DistributeOptions:
+    """The ``distribute`` section: data-parallel training with ``tf.distribute``."""
+
+    strategy: Strategy = Strategy.none
+    """``none`` (one device), ``mirrored`` (every GPU of this machine, or
+    ``cpu_devices`` logical CPUs) or ``multiworker`` (one process per machine; the cluster
+    from ``TF_CONFIG`` or SLURM)."""
+    cpu_devices: int = 0
+    """>= 2: split the CPU into that many logical devices (tests, a CPU-only dry run)."""
+
+    def check(self) -> None:
+        require([(self.cpu_devices >= 0, f"cpu_devices={self.cpu_devices}: must be >= 0")])
 
 
 def configure_devices(cpu_devices: int) -> None:
@@ -69,7 +92,7 @@ class Distribution:
     """A strategy and this process's place in it."""
 
     strategy: tf.distribute.Strategy
-    kind: str = "none"
+    kind: str = Strategy.none
     worker: int = 0
     workers: int = 1
     _count: object = None  # compiled all-reduce of agree()
@@ -107,7 +130,7 @@ class Distribution:
         return bool(self._count(tf.constant(1.0 if flag else 0.0)) > 0)
 
     def describe(self) -> str:
-        if self.kind == "none":
+        if self.kind == Strategy.none:
             return "distribute=none (one device)"
         devices = ", ".join(getattr(self.strategy.extended, "worker_devices", ()))
         return (
@@ -116,22 +139,18 @@ class Distribution:
         )
 
 
-def make_distribution(kind: str, cpu_devices: int = 0) -> Distribution:
-    """The :class:`Distribution` of ``distribute=<kind>`` (one per process: a strategy's
-    collectives are set up once)."""
-    if kind not in STRATEGIES:
-        raise ConfigError(f"distribute={kind}: one of {', '.join(STRATEGIES)}")
-    key = (kind, cpu_devices)
-    if key in _CREATED:
-        return _CREATED[key]
-    if kind == "none":
-        made = Distribution(tf.distribute.get_strategy())
-    elif kind == "mirrored":
-        made = Distribution(tf.distribute.MirroredStrategy(devices=_mirrored_devices()), kind)
-    else:
-        made = _multiworker()
-    _CREATED[key] = made
-    return made
+def make_distribution(options: DistributeOptions | None = None) -> Distribution:
+    """The :class:`Distribution` of the ``distribute`` section: the CPU split first
+    (:func:`configure_devices`), then the strategy. Make it once per process, before
+    other TensorFlow work, and pass it on."""
+    options = options or DistributeOptions()
+    configure_devices(options.cpu_devices)
+    kind = Strategy(options.strategy)
+    if kind == Strategy.none:
+        return Distribution(tf.distribute.get_strategy())
+    if kind == Strategy.mirrored:
+        return Distribution(tf.distribute.MirroredStrategy(devices=_mirrored_devices()), kind)
+    return _multiworker()
 
 
 def _mirrored_devices() -> list[str] | None:
@@ -174,8 +193,9 @@ def _cluster_resolver():
     )
 
 
-def prepare_fit(model, dataset: tf.data.Dataset, distribution: Distribution) -> None:
-    """Let Keras's ``fit`` start under ``MultiWorkerMirroredStrategy``.
+@contextlib.contextmanager
+def fitting(model, dataset: tf.data.Dataset, distribution: Distribution):
+    """While inside, Keras's ``fit`` can run under ``MultiWorkerMirroredStrategy``.
 
     Keras 3's TensorFlow trainer builds the model before training from one batch of the
     distributed dataset, averaged across workers with ``strategy.reduce("MEAN", batch)``;
@@ -186,11 +206,11 @@ def prepare_fit(model, dataset: tf.data.Dataset, distribution: Distribution) -> 
     ``strategy.reduce("MEAN", value, axis=0)``, which fails on a scalar ("Invalid
     reduction dimension 0 for input with 0 dimensions"); scalars are averaged with
     ``axis=None`` instead (the mean over replicas: what ``axis=0`` means for a batch).
-    Other strategies are left alone.
+    Both patches are undone on leaving; other strategies are left alone.
     """
-    if distribution.kind != "multiworker":
+    if distribution.kind != Strategy.multiworker:
+        yield
         return
-    _average_scalars_across_workers()
     example = next(iter(dataset.take(1)))
 
     def build(iterator=None, data_batch=None):
@@ -198,14 +218,18 @@ def prepare_fit(model, dataset: tf.data.Dataset, distribution: Distribution) -> 
             model._symbolic_build(data_batch=example)
 
     model._maybe_symbolic_build = build
+    try:
+        with _scalars_averaged_across_workers():
+            yield
+    finally:
+        del model._maybe_symbolic_build  # the class's own method again
 
 
-def _average_scalars_across_workers() -> None:
+@contextlib.contextmanager
+def _scalars_averaged_across_workers():
     from keras.src.backend.tensorflow import trainer
 
     original = trainer.reduce_per_replica
-    if getattr(original, "ptycho_patched", False):
-        return
 
     def reduce_per_replica(values, strategy, reduction):
         if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(
@@ -220,8 +244,11 @@ def _average_scalars_across_workers() -> None:
 
         return tf.nest.map_structure(mean, values)
 
-    reduce_per_replica.ptycho_patched = True
     trainer.reduce_per_replica = reduce_per_replica
+    try:
+        yield
+    finally:
+        trainer.reduce_per_replica = original
 
 
 def dataset_options() -> tf.data.Options:

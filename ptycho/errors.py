@@ -1,8 +1,11 @@
-"""The errors an entry point reports as one line, and their exit codes (``ptycho.cli``)."""
+"""The errors an entry point reports as one line, their exit codes (``ptycho.cli``), and
+the one way an options class checks its values (:func:`require`)."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "Interrupted", "TrainingDiverged"]
+from collections.abc import Iterable
+
+__all__ = ["ConfigError", "DataError", "Interrupted", "TrainingDiverged", "require"]
 
 
 class ConfigError(ValueError):
@@ -19,3 +22,13 @@ class TrainingDiverged(RuntimeError):
 
 class Interrupted(Exception):
     """Training was interrupted (Ctrl-C); the message says how to resume (exit 130)."""
+
+
+def require(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise ``ValueError(message)`` for the first ``(ok, message)`` that is not ok.
+
+    The options classes list their rules as ``("field=value: must be ...")`` pairs;
+    :mod:`ptycho.config` prefixes the section (``refine.iterations=0: must be >= 1``)."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

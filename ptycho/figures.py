@@ -1,87 +1,32 @@
 """What a user looks at: truth, reconstruction and error side by side, FRC curves,
 coverage and diffraction patterns, for TensorBoard and for the run's PNG files.
 
-The error images are made after the same registration, amplitude scale and phase
-offset (and optional phase ramp) removal the metrics use (:func:`ptycho.metrics.align`),
-on the same scored region, and drawn on a symmetric colour scale (0 is white).
+The comparisons (:class:`ptycho.scoring.Comparison`) are made after the same
+registration, amplitude scale and phase offset (and optional phase ramp) removal the
+metrics use, on the same scored region; errors are drawn on a symmetric colour scale (0
+is white).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ptycho import metrics
 from ptycho.outputs import atomic_path
+from ptycho.scoring import Comparison
 
 __all__ = [
-    "Comparison",
-    "compare_scan",
-    "compare_to_truth",
     "diffraction_image",
     "diverging_image",
     "frc_image",
     "grey_image",
     "pyplot",
     "save_frc_png",
+    "save_curves",
     "save_png",
     "save_reconstruction_png",
 ]
-
-
-class Comparison(dict):
-    """Arrays of one reconstruction against its ground truth on the scored region:
-    ``amplitude_truth``, ``phase_truth``, ``amplitude``, ``phase`` (aligned),
-    ``amplitude_error``, ``phase_error`` (wrapped, rad) and ``frc`` (frequency as a
-    fraction of Nyquist, ``amplitude``, ``phase`` or None for a flat phase, ``half_bit``)."""
-
-
-def compare_to_truth(
-    truth: np.ndarray,
-    obj: np.ndarray,
-    region: tuple[slice, slice],
-    *,
-    register: bool = True,
-    remove_phase_ramp: bool = False,
-) -> Comparison:
-    reference, image = np.asarray(truth)[region], np.asarray(obj)[region]
-    aligned, _ = metrics.align(
-        reference, image, register=register, remove_phase_ramp=remove_phase_ramp
-    )
-    ref_phase, phase = np.angle(reference), np.angle(aligned)
-    frequency, amp_curve, half_bit = metrics.frc(np.abs(reference), np.abs(aligned))
-    phase_curve = None
-    if float(np.std(ref_phase)) >= metrics.PHASE_STRUCTURE:
-        phase_curve = metrics.frc(ref_phase, phase)[1]
-    return Comparison(
-        amplitude_truth=np.abs(reference),
-        phase_truth=ref_phase,
-        amplitude=np.abs(aligned),
-        phase=phase,
-        amplitude_error=np.abs(aligned) - np.abs(reference),
-        phase_error=np.angle(np.exp(1j * (phase - ref_phase))),
-        frc={
-            "frequency": frequency,
-            "amplitude": amp_curve,
-            "phase": phase_curve,
-            "half_bit": half_bit,
-        },
-    )
-
-
-def compare_scan(
-    scan, obj: np.ndarray, *, register: bool = True, remove_phase_ramp: bool = False
-) -> Comparison:
-    """:func:`compare_to_truth` of an object of ``scan`` (which has ground truth) on the
-    region the metrics score (:func:`ptycho.inference.scan_region`)."""
-    from ptycho.inference import scan_region
-
-    return compare_to_truth(
-        scan.object,
-        obj,
-        scan_region(scan),
-        register=register,
-        remove_phase_ramp=remove_phase_ramp,
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -250,4 +195,34 @@ def save_frc_png(comparison: Comparison, path, *, title: str = ""):
     _frc_axes(axis, comparison["frc"])
     if title:
         axis.set_title(title)
+    return save_png(figure, path)
+
+
+def save_curves(history: list, path, *, title: str = ""):
+    """PNG of a refinement's progress records against iterations: R-factor, ground-truth
+    SSIM when known, position error when known."""
+    plt = pyplot()
+    iterations = [r["iteration"] for r in history]
+    panels = [("r_factor", "R-factor")]
+    if any("amp_ssim" in r for r in history):
+        panels.append(("ssim", "SSIM"))
+    if any("position_rmse" in r for r in history):
+        panels.append(("position_rmse", "position error (px rms)"))
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 3.6), constrained_layout=True, squeeze=False
+    )
+    for axis, (key, label) in zip(axes[0], panels, strict=True):
+        if key == "ssim":
+            for name in ("amp_ssim", "phase_ssim"):
+                if any(name in r for r in history):
+                    values = [r.get(name, math.nan) for r in history]
+                    axis.plot(iterations, values, "o-", label=name)
+            axis.legend()
+        else:
+            axis.plot(iterations, [r[key] for r in history], "o-")
+        axis.set_xlabel("iteration")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    seconds = history[-1]["seconds"]
+    figure.suptitle(f"{title}  ({iterations[-1]} iterations, {seconds:.1f} s)")
     return save_png(figure, path)

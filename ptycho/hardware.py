@@ -1,22 +1,28 @@
-"""What the machine offers: the choices that depend on the hardware at hand.
+"""What the machine offers, and compiling for it: the compile mode of each stage, the
+precision of the network, one way of wrapping a function for a compile mode.
 
-``resolve_precision("auto", compile_mode)`` picks bfloat16 for the network where the
-hardware and the compiler run it natively: GPUs of compute capability 8.0 and newer; CPUs
-with AVX512_BF16 or AMX-BF16 when the convolutions are oneDNN's (``compile=graph`` or
-``eager``), where bfloat16 steps are measured 1.2x faster than float32. XLA's CPU
-convolutions (``compile=jit``) have no native bfloat16 and were measured slower with it
-(0.92x), so there, and everywhere else, float32 (``benchmarks/train_step.py
---precision float32 bfloat16``, README). ``resolve_compile("auto", ...)`` picks the
-compile mode of each stage the same way.
+``compile=auto`` (the default) and ``model.precision=auto`` pick per device what was
+measured fastest (``benchmarks/results/train_step_cpu.jsonl`` for the network,
+``benchmarks/results/refine_cpu.jsonl`` for the refinement; docs/benchmarks.md): on a
+GPU XLA everywhere; on a CPU oneDNN's graph for the network (its convolutions beat
+XLA's CPU backend, and run bfloat16 natively on CPUs with AVX512-BF16 or AMX) and XLA
+for the refinement (gathers, warp and FFT with no convolution).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 
 __all__ = [
-    "STAGES",
+    "CompileMode",
+    "CompileOptions",
+    "CompileStages",
     "compile_hint",
+    "compiled",
     "cpu_flags",
     "has_gpu",
     "native_bfloat16",
@@ -24,9 +30,41 @@ __all__ = [
     "resolve_precision",
 ]
 
-STAGES = ("train", "reconstruct", "refine")
+log = logging.getLogger(__name__)
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+class CompileMode(StrEnum):
+    """How compiled functions run: ``jit`` XLA (``jit_compile=True``, verified on);
+    ``graph`` ``tf.function`` without XLA; ``eager`` op by op, for debugging; ``auto`` per
+    device and stage (:func:`resolve_compile`)."""
+
+    auto = "auto"
+    jit = "jit"
+    graph = "graph"
+    eager = "eager"
+
+
+@dataclass
+class CompileOptions:
+    """The ``compile`` section."""
+
+    mode: CompileMode = CompileMode.auto
+    """``auto`` (per device and stage, logged and recorded as ``compile_stages``), or
+    ``jit``, ``graph``, ``eager`` for every stage. ``jit`` always means XLA everywhere."""
+
+
+@dataclass(frozen=True)
+class CompileStages:
+    """The compile mode of each stage of a run (never ``auto``)."""
+
+    train: str
+    reconstruct: str
+    refine: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -43,7 +81,9 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 def native_bfloat16(compile_mode: str, flags: set[str] | None = None) -> bool:
     """True when the network's convolutions run bfloat16 natively on this machine under
-    ``compile_mode`` (``flags``: the CPU's, read from /proc/cpuinfo when None)."""
+    ``compile_mode`` (``flags``: the CPU's, read from /proc/cpuinfo when None): GPUs of
+    compute capability 8.0 and newer; CPUs with AVX512-BF16 or AMX-BF16 under oneDNN
+    (``graph``, ``eager``). XLA's CPU convolutions (``jit``) have no native bfloat16."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -52,16 +92,16 @@ def native_bfloat16(compile_mode: str, flags: set[str] | None = None) -> bool:
             "compute_capability", (0, 0)
         )
         return tuple(capability) >= (8, 0)
-    if compile_mode == "jit":  # XLA's CPU convolutions: no native bfloat16
+    if compile_mode == CompileMode.jit:
         return False
     return bool((cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS))
 
 
 def resolve_precision(precision: str, compile_mode: str, flags: set[str] | None = None) -> str:
-    """``"auto"`` -> ``"bfloat16"`` or ``"float32"`` for this machine and compile mode;
+    """``"auto"`` -> ``"bfloat16"`` where :func:`native_bfloat16`, else ``"float32"``;
     other values unchanged."""
     if precision != "auto":
-        return precision
+        return str(precision)
     return "bfloat16" if native_bfloat16(compile_mode, flags) else "float32"
 
 
@@ -71,34 +111,45 @@ def has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def resolve_compile(mode: str, backend: str = "xla", gpu: bool | None = None) -> dict:
-    """The compile mode of each stage (``STAGES``) for ``compile=<mode>``.
+def resolve_compile(mode: str, backend: str = "xla", gpu: bool | None = None) -> CompileStages:
+    """The compile mode of each stage for ``compile=<mode>``.
 
-    A mode other than ``"auto"`` applies to every stage. ``"auto"`` picks what was
-    measured fastest (README, Choosing settings): on a GPU ``jit`` everywhere (XLA fuses
-    the whole step and calls cuDNN); on a CPU ``graph`` for the network, training and
-    reconstruction (oneDNN's convolutions: 1.3x (float32) to 1.6x (bfloat16) the
-    samples/s of XLA's), and ``jit`` for the physics refinement (gathers, warp and FFT
-    with no convolution: 3.3x faster per iteration under XLA). With ``translate=legacy``
-    nothing is ``jit`` (the legacy op has no XLA kernel).
+    A mode other than ``"auto"`` applies to every stage. ``"auto"``: on a GPU ``jit``
+    everywhere (XLA fuses the whole step and calls cuDNN); on a CPU ``graph`` for the
+    network's training and reconstruction and ``jit`` for the refinement (module
+    docstring). With ``translate=legacy`` nothing is ``jit`` (the legacy op has no XLA
+    kernel). ``"auto"`` is logged with what it chose.
     """
-    if mode != "auto":
-        return dict.fromkeys(STAGES, mode)
+    if mode != CompileMode.auto:
+        return CompileStages(str(mode), str(mode), str(mode))
     xla = "jit" if backend == "xla" else "graph"
-    if has_gpu() if gpu is None else gpu:
-        return dict.fromkeys(STAGES, xla)
-    return {"train": "graph", "reconstruct": "graph", "refine": xla}
+    on_gpu = has_gpu() if gpu is None else gpu
+    stages = CompileStages(xla, xla, xla) if on_gpu else CompileStages("graph", "graph", xla)
+    chosen = ", ".join(f"{stage} {choice}" for stage, choice in stages.as_dict().items())
+    log.info("compile=auto on %s: %s", "a GPU" if on_gpu else "a CPU", chosen)
+    return stages
+
+
+def compiled(function: Callable, mode: str) -> Callable:
+    """``function`` as it runs under ``mode``: as is (``eager``), a ``tf.function``
+    (``graph``) or an XLA-compiled ``tf.function`` (``jit``); AutoGraph off (the project's
+    compiled functions have no Python control flow on tensors)."""
+    import tensorflow as tf
+
+    if mode == CompileMode.eager:
+        return function
+    if mode not in (CompileMode.graph, CompileMode.jit):
+        raise ValueError(f"compile mode must be jit, graph or eager, got {mode!r}")
+    return tf.function(function, jit_compile=mode == CompileMode.jit, autograph=False)
 
 
 def compile_hint(compile_mode: str) -> str | None:
     """A line for the log when the chosen compile mode is the slower one on this machine:
-    ``compile=jit`` on a CPU (XLA's CPU convolutions are slower than oneDNN's)."""
-    import tensorflow as tf
-
-    if compile_mode != "jit" or tf.config.list_physical_devices("GPU"):
+    ``compile=jit`` on a CPU, where XLA's convolutions are slower than oneDNN's."""
+    if compile_mode != CompileMode.jit or has_gpu():
         return None
     return (
-        "compile=jit on a CPU: XLA's CPU convolutions are slower than oneDNN's; "
-        "compile=auto (graph for the network, jit for refinement) trained 1.3x (float32) to "
-        "1.6x (bfloat16) more samples/s on the CPU measured (README, Choosing settings)"
+        "compile=jit on a CPU: XLA's CPU convolutions are slower than oneDNN's; compile=auto "
+        "(graph for the network, jit for refinement) trains faster here "
+        "(benchmarks/results/train_step_cpu.jsonl)"
     )

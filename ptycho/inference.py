@@ -12,27 +12,27 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import keras
 import numpy as np
 import tensorflow as tf
-from scipy.spatial import cKDTree
 
-from ptycho import metrics
-from ptycho.data.grouping import group_offsets, group_positions, scan_step, tile_groups
+from ptycho.data.grouping import group_offsets, group_positions, tile_groups
 from ptycho.data.scan import Scan
-from ptycho.hardware import has_gpu
+from ptycho.errors import require
+from ptycho.hardware import compiled, has_gpu
+from ptycho.reconstruction import Reconstruction
 from ptycho.stitch import Stitcher, object_shape_for, place_patches, window_corners
 
 __all__ = [
-    "Evaluation",
-    "Reconstruction",
+    "InferGroups",
+    "NetworkReconstruction",
+    "ReconstructOptions",
     "ScanMismatch",
+    "make_predict_fn",
     "model_geometry",
     "reconstruct",
-    "scan_region",
-    "scored",
-    "truth_metrics",
 ]
 
 
@@ -40,26 +40,41 @@ class ScanMismatch(ValueError):
     """The scan does not fit the model (pattern size, probe size, too few positions)."""
 
 
+class InferGroups(StrEnum):
+    all = "all"
+    tile = "tile"
+
+
 @dataclass
-class Reconstruction:
-    """A stitched object and the data-consistency figures of the prediction."""
+class ReconstructOptions:
+    """The ``reconstruct`` section: how the network reconstructs a whole scan."""
 
-    obj: np.ndarray  # (H, W) complex64, in the positions' pixel frame
-    mask: np.ndarray  # (H, W) bool, covered pixels
-    r_factor: float
-    poisson_nll: float
-    patterns: int
-    seconds: float
+    batch_size: int = 64
+    """Groups per compiled predict call (fixed; the last batch is padded, so the call
+    compiles once whatever the scan's length)."""
+    groups: InferGroups = InferGroups.all
+    """``all``: every group (each position predicted in up to C groups, averaged);
+    ``tile``: each position once where the scan allows, about C times fewer network
+    calls, at a small cost in quality."""
+    align_phase: bool = True
+    """Rotate each group by the constant phase that best matches what is already
+    stitched (the network knows a group's phase only up to a constant)."""
+
+    def check(self) -> None:
+        require([(self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1")])
+
+
+@dataclass(kw_only=True)
+class NetworkReconstruction(Reconstruction):
+    """The network's :class:`~ptycho.reconstruction.Reconstruction` of a scan."""
+
     traces: int
-    metrics: dict = field(default_factory=dict)
-    # (measured, predicted) amplitudes of a few fixed positions (first, middle, last
-    # group's first member), in the model's units: what the data-consistency looks like.
+    """Times the predict function was traced (1: one compilation for the whole scan)."""
+    groups: int
+    """Groups the network evaluated."""
     diffraction_pairs: list = field(default_factory=list)
-    groups: int = 0  # groups the network evaluated
-
-    @property
-    def patterns_per_s(self) -> float:
-        return self.patterns / self.seconds if self.seconds > 0 else math.inf
+    """(measured, predicted) amplitudes of a few fixed positions (first, middle, last
+    group's first member), in the model's units: what the data consistency looks like."""
 
 
 def model_geometry(model: keras.Model) -> tuple[int, int]:
@@ -142,17 +157,21 @@ def reconstruct(
         one reused across evaluations in training, or a stand-in in tests).
     overlap : bool, optional
         Predict the next batch on a worker thread while the host stitches this one.
-        Default: with a GPU, which then computes while the host adds windows. On this
-        2-core CPU it made no difference (alternating rounds, 1,000 patterns: jit 1.75
-        s with it, 1.73 s without; graph bfloat16 1.06 s and 1.05 s): the network
-        already keeps both cores busy.
+        Default: with a GPU, which then computes while the host adds windows; on a CPU
+        the network already keeps every core busy (measured no faster:
+        ``benchmarks/infer.py``, docs/benchmarks.md).
+
+    Returns
+    -------
+    NetworkReconstruction
+        In the frame ``shape``, with the scan's positions and the model's probe.
     """
     n, gridsize = _check_scan(model, scan)
     start = time.perf_counter()
     chosen = group_positions(scan.xcoords, scan.ycoords, gridsize, method=grouping)
     if groups == "tile":
         chosen = tile_groups(chosen, scan.n_positions)
-    elif groups != "all":
+    elif groups != InferGroups.all:
         raise ValueError(f"groups must be 'all' or 'tile', got {groups!r}")
     centres, offsets = group_offsets(scan.xcoords, scan.ycoords, chosen)
     positions = (centres[:, None, :] + offsets).reshape(-1, 2)  # every patch's [x, y]
@@ -165,10 +184,11 @@ def reconstruct(
             else object_shape_for(scan.xcoords, scan.ycoords, n)
         )
     c = gridsize * gridsize
+    probe = model.get_layer("illumination").probe.numpy()
     stitcher = Stitcher(
         shape,
         n,
-        probe=model.get_layer("illumination").probe.numpy(),
+        probe=probe,
         backend=backend,
         batch_size=batch_size * c,
         align_phase=align_phase,
@@ -224,13 +244,16 @@ def reconstruct(
         stitcher.accumulate(windows, row0[patches], col0[patches], group_size=c)
     obj, mask = stitcher.result()
     abs_error, measured_sum, nll_sum = totals
-    return Reconstruction(
+    return NetworkReconstruction(
         obj=obj,
         mask=mask,
+        xcoords=np.array(scan.xcoords),
+        ycoords=np.array(scan.ycoords),
+        probe=probe.astype(np.complex64),
         r_factor=abs_error / measured_sum if measured_sum > 0 else math.nan,
         poisson_nll=nll_sum / (len(chosen) * c * n * n),
-        patterns=scan.n_positions,
         seconds=time.perf_counter() - start,
+        stage="network",
         traces=_tracing_count(predict_fn),
         diffraction_pairs=pairs,
         groups=len(chosen),
@@ -266,7 +289,7 @@ def _batch_outputs(backend: str):
         )
         return windows, sums
 
-    return tf.function(finish, jit_compile=(backend == "xla"), autograph=False)
+    return compiled(finish, "jit" if backend == "xla" else "graph")
 
 
 def _pipelined(function, items, overlap: bool):
@@ -293,102 +316,9 @@ def make_predict_fn(model: keras.Model, compile_mode: str):
         outputs = model(inputs, training=False)
         return {"amplitude": outputs["amplitude"], "object": outputs["object"]}
 
-    if compile_mode == "eager":
-        return predict
-    return tf.function(predict, jit_compile=(compile_mode == "jit"), autograph=False)
+    return compiled(predict, compile_mode)
 
 
 def _tracing_count(fn) -> int:
     counter = getattr(fn, "experimental_get_tracing_count", None)
     return int(counter()) if counter else 0
-
-
-def scan_region(scan: Scan, reach: float = 2.0) -> tuple[slice, slice]:
-    """The scored region: the largest axis-aligned rectangle inside the bounding box of
-    the patch centres whose every pixel lies within ``reach`` scan steps of a patch
-    centre. On a raster that is the whole box; on a Fermat spiral (a disk of positions)
-    or any scan that does not fill its box, the unscanned corners stay out."""
-    rows = slice(int(math.floor(scan.ycoords.min())), int(math.ceil(scan.ycoords.max())) + 1)
-    cols = slice(int(math.floor(scan.xcoords.min())), int(math.ceil(scan.xcoords.max())) + 1)
-    step = scan_step(scan.xcoords, scan.ycoords)
-    yy, xx = np.mgrid[rows, cols]
-    centres = cKDTree(np.stack([scan.xcoords, scan.ycoords], axis=1))
-    distance, _ = centres.query(np.stack([xx.ravel(), yy.ravel()], axis=1))
-    covered = (distance <= reach * max(step, 1.0)).reshape(xx.shape)
-    inner_rows, inner_cols = metrics.largest_rectangle(covered)
-    return (
-        slice(rows.start + inner_rows.start, rows.start + inner_rows.stop),
-        slice(cols.start + inner_cols.start, cols.start + inner_cols.stop),
-    )
-
-
-def scored(
-    result: Reconstruction, scan: Scan, *, register: bool = True, remove_phase_ramp: bool = False
-) -> dict:
-    """Metrics of a reconstruction: data consistency always, ground truth when known."""
-    out = {"r_factor": result.r_factor, "poisson_nll": result.poisson_nll}
-    if scan.object is not None:
-        out.update(
-            truth_metrics(scan, result.obj, register=register, remove_phase_ramp=remove_phase_ramp)
-        )
-    result.metrics = out
-    return out
-
-
-def truth_metrics(
-    scan: Scan,
-    obj: np.ndarray,
-    *,
-    region: tuple[slice, slice] | None = None,
-    register: bool = True,
-    remove_phase_ramp: bool = False,
-) -> dict:
-    """Ground-truth metrics of an object of ``scan`` (which has one) on the scored
-    region (:func:`scan_region`, or ``region`` when the caller has it already)."""
-    return metrics.compare(
-        scan.object,
-        obj,
-        region=scan_region(scan) if region is None else region,
-        register=register,
-        remove_phase_ramp=remove_phase_ramp,
-    )
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """How a model is judged on a scan: reconstruct it, then score it.
-
-    One value carries the choices (batch, compile mode, warp backend, grouping, metric
-    options), so the training monitor's evaluations and the final reconstruction of a
-    run are the same computation.
-    """
-
-    scan: Scan
-    batch_size: int = 64
-    compile_mode: str = "jit"
-    backend: str = "xla"
-    grouping: str = "auto"
-    groups: str = "all"
-    align_phase: bool = True
-    register: bool = True
-    remove_phase_ramp: bool = False
-
-    def __call__(self, model: keras.Model, predict_fn=None) -> tuple[Reconstruction, dict]:
-        result = reconstruct(
-            model,
-            self.scan,
-            batch_size=self.batch_size,
-            compile_mode=self.compile_mode,
-            backend=self.backend,
-            grouping=self.grouping,
-            groups=self.groups,
-            align_phase=self.align_phase,
-            predict_fn=predict_fn,
-        )
-        values = scored(
-            result,
-            self.scan,
-            register=self.register,
-            remove_phase_ramp=self.remove_phase_ramp,
-        )
-        return result, values

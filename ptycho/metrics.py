@@ -1,6 +1,6 @@
 """Reconstruction quality metrics: pure functions over numpy arrays.
 
-With ground truth (DESIGN.md section 6), a reconstruction is compared on the scanned
+With ground truth (docs/design.md, section 6), a reconstruction is compared on the scanned
 region after removing the ambiguities of ptychography: a sub-pixel translation
 (registration), the global amplitude scale (which trades off against the intensity
 scale), the global phase offset and, optionally, a phase ramp. Without ground truth,

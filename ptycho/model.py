@@ -20,13 +20,15 @@ files load with ``safe_mode=True``; the warp backend is a runtime choice
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ptycho.config import MODEL_CHOICES
+from ptycho.errors import require
+from ptycho.hardware import CompileMode, resolve_precision
 from ptycho.layers import (
     WARPING_LAYERS,
     AmplitudeScale,
@@ -39,11 +41,15 @@ from ptycho.layers import (
     ReassemblePatches,
     set_translate_backend,
 )
-from ptycho.warp import BACKENDS
+from ptycho.warp import BACKENDS, check_compilable
 
 __all__ = [
-    "COMPILE_MODES",
+    "PATTERN_SIZES",
+    "AmplitudeActivation",
     "ModelConfig",
+    "ObjectOutput",
+    "ObjectSupport",
+    "Precision",
     "PtychoLoss",
     "build_cnn_only",
     "build_model",
@@ -52,64 +58,90 @@ __all__ = [
     "translate_backends",
 ]
 
-SIZES = (64, 128, 256)
-COMPILE_MODES = ("jit", "graph", "eager")
-PRECISIONS = tuple(p for p in MODEL_CHOICES["precision"] if p != "auto")  # auto: resolved
+PATTERN_SIZES = (64, 128, 256)
 
 
-@dataclass(frozen=True)
+class AmplitudeActivation(StrEnum):
+    softplus = "softplus"
+    sigmoid = "sigmoid"
+    relu = "relu"
+    exponential = "exponential"
+
+
+class ObjectSupport(StrEnum):
+    half = "half"
+    full = "full"
+
+
+class ObjectOutput(StrEnum):
+    patches = "patches"
+    group = "group"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
 class ModelConfig:
-    """Architecture and physics options of the model.
-
-    n : pattern size N, one of 64, 128, 256.
-    gridsize : g; each sample is C = g^2 neighbouring positions.
-    filters : base filter count of the encoder (doubled per level).
-    amplitude_activation : of the amplitude head. "softplus" (default) is positive and
-        does not saturate; "sigmoid" keeps |O| in (0, 1) but saturates at 1, where its
-        gradient vanishes and training can stall for good.
-    probe_trainable : refine the probe with the network.
-    probe_mask_radius : circular probe support, fraction of N (None: no mask).
-    canvas_pad : pixels of canvas around a group's patches for the overlap constraint
-        (None: 0 for ``object_support="half"``, where offsets up to N/4 keep the
-        predicted region inside the window; N / 4 for "full").
-    object_support : "half" predicts the central N/2 x N/2 of each patch (zero outside,
-        PtychoPINN's padded object: right for a probe that fits in half the window);
-        "full" predicts all N x N pixels.
-    object_output : "patches" (the decoders predict C patches, merged by the overlap
-        constraint: PtychoPINN's ``object_big=True``) or "group" (one object per group,
-        centred on the group centre and cut at the C positions: ``object_big=False``).
-    offset_input : give the network the group's offsets as 2C constant input planes
-        (offset / (N/4)), so that on irregular scans it knows where each pattern is.
-    precision : "float32", or "bfloat16" for the CNN's hidden layers (Keras'
-        ``mixed_bfloat16``: bfloat16 arithmetic, float32 weights); the output heads, the
-        physics (overlap constraint, probe, FFT) and the loss stay float32.
-    """
+    """The ``model`` section: architecture and physics of the network."""
 
     n: int = 64
+    """Pattern size N: 64, 128 or 256."""
     gridsize: int = 2
-    filters: int = 32
-    amplitude_activation: str = "softplus"
+    """g: each sample is C = g^2 neighbouring scan positions."""
+    filters: int = 16
+    """Base width of the encoder (doubled per level)."""
+    amplitude_activation: AmplitudeActivation = AmplitudeActivation.softplus
+    """Amplitude head: ``softplus`` is positive and does not saturate; ``sigmoid`` keeps
+    ``|O|`` in (0, 1) but saturates at 1, where training can stall for good."""
     probe_trainable: bool = False
+    """Refine the probe with the network."""
     probe_mask_radius: float | None = None
+    """Circular probe support, fraction of N (null: no mask)."""
     canvas_pad: int | None = None
-    object_support: str = "half"
-    object_output: str = "patches"
+    """Pixels of canvas around a group's patches in the overlap constraint (null: 0 for
+    ``object_support=half``, where offsets up to N/4 stay inside the window; N/4 for
+    ``full``)."""
+    object_support: ObjectSupport = ObjectSupport.half
+    """``half``: predict the central N/2 x N/2 of each patch, zero outside (PtychoPINN's
+    padded object: right for a probe within half the window); ``full``: all N x N."""
+    object_output: ObjectOutput = ObjectOutput.patches
+    """``patches``: C patches merged by the overlap constraint (PtychoPINN's
+    ``object_big=True``); ``group``: one object per group, cut at the C positions."""
     offset_input: bool = False
-    precision: str = "float32"
+    """Give the network the group's offsets as 2C constant input planes (offset / (N/4)),
+    so that on irregular scans it knows where each pattern is."""
+    precision: Precision = Precision.auto
+    """The CNN's hidden layers: ``float32``, ``bfloat16`` (Keras' ``mixed_bfloat16``) or
+    ``auto``, bfloat16 where the hardware and compiler run it natively
+    (:func:`ptycho.hardware.resolve_precision`). Heads, physics and loss stay float32."""
 
-    def __post_init__(self) -> None:
-        if self.n not in SIZES:
-            raise ValueError(f"model.n must be one of {list(SIZES)}, got {self.n}")
-        if self.gridsize < 1:
-            raise ValueError(f"model.gridsize must be >= 1, got {self.gridsize}")
-        if self.filters < 1:
-            raise ValueError(f"model.filters must be >= 1, got {self.filters}")
-        # "auto" precision is resolved (ptycho.hardware) before a model is configured.
-        for key, allowed in {**MODEL_CHOICES, "precision": PRECISIONS}.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(
-                    f"model.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}"
-                )
+    def check(self) -> None:
+        """``ValueError`` naming the first field out of range."""
+        require(
+            [
+                (self.n in PATTERN_SIZES, f"n={self.n}: must be 64, 128 or 256"),
+                (self.gridsize >= 1, f"gridsize={self.gridsize}: must be >= 1"),
+                (self.filters >= 1, f"filters={self.filters}: must be >= 1"),
+                (
+                    self.probe_mask_radius is None or 0 < self.probe_mask_radius,
+                    f"probe_mask_radius={self.probe_mask_radius}: must be > 0 (fraction of "
+                    "N) or null",
+                ),
+                (
+                    self.canvas_pad is None or self.canvas_pad >= 0,
+                    f"canvas_pad={self.canvas_pad}: must be >= 0 or null",
+                ),
+            ]
+        )
+
+    def resolved(self, compile_mode: str) -> ModelConfig:
+        """This configuration with ``precision=auto`` resolved for this machine and the
+        compile mode the network will run under."""
+        return replace(self, precision=Precision(resolve_precision(self.precision, compile_mode)))
 
     @property
     def channels(self) -> int:
@@ -118,12 +150,22 @@ class ModelConfig:
     @property
     def object_channels(self) -> int:
         """Object patches the decoders predict: C, or 1 for one object per group."""
-        return self.channels if self.object_output == "patches" else 1
+        return self.channels if self.object_output == ObjectOutput.patches else 1
 
     @property
     def levels(self) -> int:
         """Pooling levels: the bottleneck is 8 x 8 for every N."""
         return int(math.log2(self.n)) - 3
+
+
+def _checked(config: ModelConfig) -> ModelConfig:
+    config.check()
+    if config.precision == Precision.auto:
+        raise ValueError(
+            "model precision 'auto' is resolved for a compile mode before a model is built: "
+            "config.resolved(compile_mode)"
+        )
+    return config
 
 
 @keras.saving.register_keras_serializable(package="ptycho")
@@ -183,7 +225,8 @@ def _conv(filters: int, name: str, activation="relu", dtype=None):
 
 def _hidden_dtype(config: ModelConfig):
     """Dtype policy of the CNN's hidden layers; heads and physics stay float32."""
-    return keras.DTypePolicy("mixed_bfloat16" if config.precision == "bfloat16" else "float32")
+    bfloat16 = config.precision == Precision.bfloat16
+    return keras.DTypePolicy("mixed_bfloat16" if bfloat16 else "float32")
 
 
 def _decoder(x, config: ModelConfig, head: str, activation):
@@ -193,7 +236,7 @@ def _decoder(x, config: ModelConfig, head: str, activation):
     central N/2 x N/2 of the patch, zero-padded to N: the illuminated region of a probe
     that fits in half the window, whose far field is then oversampled twofold.
     """
-    last = 1 if config.object_support == "half" else 0
+    last = 1 if config.object_support == ObjectSupport.half else 0
     hidden = _hidden_dtype(config)
     for level in reversed(range(last, config.levels)):
         filters = config.filters * 2**level
@@ -220,7 +263,7 @@ def _network(diffraction, offsets, config: ModelConfig, norm_factor: float):
         x = _conv(filters, f"encoder_conv{level}a", dtype=hidden)(x)
         x = _conv(filters, f"encoder_conv{level}b", dtype=hidden)(x)
         x = keras.layers.MaxPooling2D(2, name=f"encoder_pool{level}", dtype=hidden)(x)
-    amplitude = _decoder(x, config, "amplitude", config.amplitude_activation)
+    amplitude = _decoder(x, config, "amplitude", str(config.amplitude_activation))
     phase_logits = _decoder(x, config, "phase", None)
     return amplitude, phase_logits
 
@@ -231,6 +274,7 @@ def build_cnn_only(config: ModelConfig, *, norm_factor: float = 1.0) -> keras.Mo
     Benchmarks only: the two heads are added and trained against the same target and
     loss as the full model, so the step does the network's work and nothing else.
     """
+    config = _checked(config)
     n, c = config.n, config.channels
     diffraction = keras.Input((n, n, c), name="diffraction")
     amplitude, phase_logits = _network(diffraction, None, config, norm_factor)
@@ -262,6 +306,7 @@ def build_model(
     Parameters
     ----------
     config : ModelConfig
+        With a concrete precision (:meth:`ModelConfig.resolved`).
     probe : (N, N) complex
         Initial probe (fixed unless ``config.probe_trainable``).
     norm_factor : float
@@ -281,6 +326,7 @@ def build_model(
     """
     if translate_backend not in BACKENDS:
         raise ValueError(f"translate must be one of {list(BACKENDS)}, got {translate_backend!r}")
+    config = _checked(config)
     n, c = config.n, config.channels
     probe = np.asarray(probe, np.complex64)
     if probe.shape != (n, n):
@@ -294,13 +340,14 @@ def build_model(
         inputs["offsets"] = offsets
     amplitude, phase_logits = _network(diffraction, offsets, config, norm_factor)
     patches = CombineComplex(name="object")(amplitude, phase_logits)
-    if c > 1 and config.object_output == "group":
+    if c > 1 and config.object_output == ObjectOutput.group:
         patches = CutPatches(backend=translate_backend, name="cut_patches")(patches, offsets)
     elif c > 1:
+        half = config.object_support == ObjectSupport.half
         pad = config.canvas_pad
         if pad is None:  # half support: offsets up to N/4 stay inside the window
-            pad = 0 if config.object_support == "half" else n // 4
-        support = 0.5 if config.object_support == "half" else 1.0
+            pad = 0 if half else n // 4
+        support = 0.5 if half else 1.0
         reassemble = ReassemblePatches(
             pad=pad, support=support, backend=translate_backend, name="reassemble"
         )
@@ -337,30 +384,26 @@ def compile_model(
 
     ``jit`` sets ``jit_compile=True`` and verifies Keras kept it (Keras silently drops
     XLA for some layers and under op determinism); a model whose translations use the
-    legacy backend is refused for ``jit``: that op has no XLA kernel.
+    legacy backend is refused for ``jit`` (:func:`ptycho.warp.check_compilable`).
 
     ``optimizer_state``: an optimizer of the same model (from a checkpoint) whose step
     count and Adam moments the new optimizer continues from; the learning rate (a number
     or a schedule) is always ``learning_rate``, so a run can resume with another one.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
-    if mode == "jit" and "legacy" in translate_backends(model):
-        raise ValueError(
-            "translate=legacy cannot be compiled with XLA (compile=jit): "
-            "ImageProjectiveTransformV3 has no XLA kernel. Use translate=xla, or "
-            "compile=graph for the legacy path."
-        )
+    if mode not in (CompileMode.jit, CompileMode.graph, CompileMode.eager):
+        raise ValueError(f"compile mode must be jit, graph or eager, got {mode!r}")
+    for backend in translate_backends(model):
+        check_compilable(backend, mode)
     optimizer = keras.optimizers.Adam(learning_rate)
     if optimizer_state is not None:
         _continue_optimizer(optimizer, optimizer_state, model.trainable_variables)
     model.compile(
         optimizer=optimizer,
         loss={"amplitude": PtychoLoss(poisson_weight, mae_weight)},
-        jit_compile=(mode == "jit"),
-        run_eagerly=(mode == "eager"),
+        jit_compile=(mode == CompileMode.jit),
+        run_eagerly=(mode == CompileMode.eager),
     )
-    if mode == "jit" and model.jit_compile is not True:
+    if mode == CompileMode.jit and model.jit_compile is not True:
         raise RuntimeError(
             "Keras turned XLA off for this model (a layer with supports_jit=False, or op "
             "determinism enabled); compile=jit cannot be honoured"
@@ -398,7 +441,3 @@ def load_model(path, *, translate_backend: str | None = None) -> keras.Model:
     if translate_backend is not None:
         set_translate_backend(model, translate_backend)
     return model
-
-
-def model_config_dict(config: ModelConfig) -> dict:
-    return asdict(config)

@@ -1,7 +1,7 @@
 """The far-field physics shared by the simulator and the model.
 
 ``Psi = fftshift(fft2(P * o)) / N``: the unitary 2-D DFT of the exit wave, zero
-frequency at the centre, so that ``sum |Psi|^2 = sum |P o|^2`` (DESIGN.md section 3).
+frequency at the centre, so that ``sum |Psi|^2 = sum |P o|^2`` (docs/design.md, section 3).
 """
 
 from __future__ import annotations

@@ -1,16 +1,21 @@
 """Physics refinement: the object (and the scan positions, and the probe) fitted to the
-measured counts through the forward model (DESIGN.md section 7).
+measured counts through the forward model (docs/design.md, section 7; docs/refinement.md).
+
+This module is the solver: its options, its variables and compiled steps, and its
+result. Running it as a stage of an application (progress, TensorBoard, curves, ground
+truth) is :mod:`ptycho.stages.refine`.
 
 The object is a canvas variable; patch j is cut out of it at ``position_j`` exactly as
 the simulator does (an integer window, then the sub-pixel remainder through the
 project's :func:`ptycho.warp.translate`), multiplied by the probe and propagated to the
-far field (section 3). The loss is the Poisson negative log-likelihood of the counts
+far field (docs/design.md, section 3). The loss is the Poisson negative log-likelihood of the counts
 ``a^2`` under the rates ``s |Psi|^2``, summed over a minibatch of positions; one step
 (gather, warp, FFT, loss, gradients, update) is one compiled function, XLA-compiled
 with ``compile_mode="jit"``. The offsets' gradient comes through the warp's sub-pixel
 shift, which is why position refinement needs ``backend="xla"``.
 
-Update rules (measured in ``benchmarks/refine.py``; see the README):
+Update rules (chosen by measurement: ``benchmarks/refine.py``,
+``benchmarks/results/refine_cpu.jsonl``):
 
 - object: the gradient divided by ``4 (sum_batch |P_j|^2 + regularisation max |P|^2)``,
   the minibatch's illumination (the Gauss-Newton diagonal of the loss at the solution,
@@ -40,41 +45,136 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import tensorflow as tf
 
-from ptycho.config import REFINE_MODES, RefineOptions
 from ptycho.data.scan import Scan
+from ptycho.errors import require
+from ptycho.hardware import compiled
+from ptycho.reconstruction import Reconstruction
 from ptycho.stitch import illumination, object_shape_for
-from ptycho.warp import translate
+from ptycho.warp import check_compilable, translate
 
 __all__ = [
-    "REFINE_MODES",
+    "RefineLoss",
+    "RefineMode",
     "RefineOptions",
     "RefineResult",
     "Refiner",
+    "amplitude_loss",
     "poisson_loss",
-    "refine",
 ]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RefineResult:
-    """The refined object, the positions and probe used at the end, and the history."""
+class RefineMode(StrEnum):
+    off = "off"
+    object = "object"
+    positions = "positions"
+    full = "full"
 
-    obj: np.ndarray  # (H, W) complex64, the positions' frame
-    mask: np.ndarray  # (H, W) bool, illuminated pixels
-    xcoords: np.ndarray  # (M,) float64, in the scan's order
-    ycoords: np.ndarray
-    probe: np.ndarray  # (N, N) complex64, in the scan's units
+
+class RefineLoss(StrEnum):
+    poisson = "poisson"
+    amplitude = "amplitude"
+
+
+@dataclass
+class RefineOptions:
+    """The ``refine`` section: physics refinement after the network, or alone."""
+
+    mode: RefineMode = RefineMode.off
+    """``off``; ``object``; ``positions`` (object and scan positions); ``full`` (also the
+    probe). Positions need ``translate=xla`` (the legacy warp has no offset gradient)."""
+    iterations: int = 30
+    """Passes over every scan position."""
+    max_seconds: float | None = None
+    """Stop after the iteration that crosses this time (null: never)."""
+    batch_size: int = 64
+    """Positions per compiled step."""
+    loss: RefineLoss = RefineLoss.poisson
+    """``poisson`` (counts) or ``amplitude`` (Gaussian on ``sqrt(counts)``)."""
+    step: float = 1.0
+    """Object step, in units of the preconditioned (Gauss-Newton) step."""
+    final_step: float = 0.02
+    """The step's cosine schedule ends at ``step * final_step``."""
+    momentum: float = 0.8
+    """Heavy-ball momentum of the object update."""
+    regularisation: float = 1.0
+    """Preconditioner damping: ``sum |P|^2 + regularisation * max |P|^2``."""
+    truncation: float = 1.0
+    """The Poisson gradient factor ``1 - n/I`` is bounded below by ``-truncation``."""
+    smoothness: float = 30.0
+    """Weight of the prior ``sum |grad O|^2``, in photon-count units (matters at low dose)."""
+    position_start: int = 3
+    """First iteration that moves positions."""
+    position_step: float = 0.8
+    """Pixels per unit normalised position gradient."""
+    max_position_step: float = 0.4
+    """Pixels, per step."""
+    max_position_correction: float = 8.0
+    """Pixels, in all."""
+    probe_start: int = 10
+    """First iteration that updates the probe (``mode=full``)."""
+    probe_step: float = 1.0
+    """Probe step, in units of its preconditioned step."""
+    eval_every: int = 5
+    """Iterations between progress points (terminal, TensorBoard, ``refine.png``)."""
+    seed: int = 0
+    """Order of the minibatches."""
+
+    def check(self) -> None:
+        """``ValueError`` naming the first field out of range."""
+        require(
+            [
+                (self.iterations >= 1, f"iterations={self.iterations}: must be >= 1"),
+                (
+                    self.max_seconds is None or self.max_seconds > 0,
+                    f"max_seconds={self.max_seconds}: must be > 0 or null",
+                ),
+                (self.batch_size >= 1, f"batch_size={self.batch_size}: must be >= 1"),
+                (self.step > 0, f"step={self.step}: must be > 0"),
+                (0 < self.final_step <= 1, f"final_step={self.final_step}: must be in (0, 1]"),
+                (0 <= self.momentum < 1, f"momentum={self.momentum}: must be in [0, 1)"),
+                (self.regularisation > 0, f"regularisation={self.regularisation}: must be > 0"),
+                (self.truncation > 0, f"truncation={self.truncation}: must be > 0"),
+                (self.smoothness >= 0, f"smoothness={self.smoothness}: must be >= 0"),
+                (self.position_step > 0, f"position_step={self.position_step}: must be > 0"),
+                (
+                    self.max_position_step > 0,
+                    f"max_position_step={self.max_position_step}: must be > 0 (pixels)",
+                ),
+                (
+                    self.max_position_correction > 0,
+                    f"max_position_correction={self.max_position_correction}: must be > 0 (pixels)",
+                ),
+                (self.probe_step > 0, f"probe_step={self.probe_step}: must be > 0"),
+                (self.position_start >= 0, f"position_start={self.position_start}: must be >= 0"),
+                (self.probe_start >= 0, f"probe_start={self.probe_start}: must be >= 0"),
+                (self.eval_every >= 1, f"eval_every={self.eval_every}: must be >= 1"),
+            ]
+        )
+
+    @property
+    def refines_positions(self) -> bool:
+        return self.mode in (RefineMode.positions, RefineMode.full)
+
+    @property
+    def refines_probe(self) -> bool:
+        return self.mode == RefineMode.full
+
+
+@dataclass(kw_only=True)
+class RefineResult(Reconstruction):
+    """The refined :class:`~ptycho.reconstruction.Reconstruction` (the positions and probe
+    used at the end; ``seconds``: the steps and their progress passes, not ground-truth
+    scoring) and the progress records."""
+
     iterations: int
     mode: str
-    seconds: float  # refinement steps and their progress passes, not truth metrics
-    r_factor: float
-    poisson_nll: float
     history: list = field(default_factory=list)
 
 
@@ -137,15 +237,15 @@ class Refiner:
         backend: str = "xla",
         compile_mode: str = "jit",
     ):
-        if options.mode == "off":
+        options.check()
+        if options.mode == RefineMode.off:
             raise ValueError("mode=off: nothing to refine")
         if backend == "legacy" and options.refines_positions:
             raise ValueError(
                 f"mode={options.mode} needs the offsets' gradient, which translate=legacy "
                 "does not have: use translate=xla"
             )
-        if backend == "legacy" and compile_mode == "jit":
-            raise ValueError("translate=legacy cannot run with compile=jit")
+        check_compilable(backend, compile_mode)
         self.scan, self.options, self.backend = scan, options, backend
         n, m = scan.n, scan.n_positions
         self.n = n
@@ -199,22 +299,16 @@ class Refiner:
             total += float(counts.sum())
             saturated += float(np.sum(counts - counts * np.log(np.where(counts > 0, counts, 1))))
         per_pattern = total / m
-        if options.loss == "poisson" and per_pattern < 1000:
+        if options.loss == RefineLoss.poisson and per_pattern < 1000:
             log.warning(
                 "the patterns hold %.3g counts each on average: the Poisson likelihood and "
                 "refine.smoothness assume photon counts (amplitudes sqrt(counts)); for "
                 "normalised amplitudes use refine.loss=amplitude refine.smoothness=0",
                 per_pattern,
             )
-        self._saturated = saturated if options.loss == "poisson" else 0.0
-        jit = compile_mode == "jit"
-        wrap = (
-            (lambda f: f)
-            if compile_mode == "eager"
-            else (lambda f: tf.function(f, jit_compile=jit, autograph=False))
-        )
-        self._step = wrap(self._step_impl)
-        self._forward = wrap(self._forward_impl)
+        self._saturated = saturated if options.loss == RefineLoss.poisson else 0.0
+        self._step = compiled(self._step_impl, compile_mode)
+        self._forward = compiled(self._forward_impl, compile_mode)
         self._fit_probe_scale()
 
     # ----------------------------------------------------------------------------------
@@ -257,7 +351,7 @@ class Refiner:
         return tf.math.real(far) ** 2 + tf.math.imag(far) ** 2
 
     def _loss(self, intensity, counts):
-        if self.options.loss == "amplitude":
+        if self.options.loss == RefineLoss.amplitude:
             return amplitude_loss(intensity, counts)
         return poisson_loss(intensity, counts, self.options.truncation)
 
@@ -460,11 +554,12 @@ class Refiner:
             xcoords=positions[:, 0],
             ycoords=positions[:, 1],
             probe=self.current_probe(),
-            iterations=done,
-            mode=options.mode,
-            seconds=seconds,
             r_factor=final["r_factor"],
             poisson_nll=final["poisson_nll"],
+            seconds=seconds,
+            stage=f"refine={options.mode}",
+            iterations=done,
+            mode=str(options.mode),
             history=history,
         )
 
@@ -487,110 +582,3 @@ class Refiner:
         if score is not None:
             record.update(score(self.current_object()[0]))
         return record
-
-
-# --------------------------------------------------------------------------------------
-# A refinement as the applications run it: progress, TensorBoard, curves, metrics
-# --------------------------------------------------------------------------------------
-
-
-def refine(
-    scan: Scan,
-    options: RefineOptions,
-    *,
-    initial: np.ndarray | None = None,
-    backend: str = "xla",
-    compile_mode: str = "jit",
-    register: bool = True,
-    remove_phase_ramp: bool = False,
-    writer=None,
-    curves_path=None,
-    stream=None,
-) -> tuple[RefineResult, dict]:
-    """Refine ``scan``'s object (from ``initial`` or flat) and score the result.
-
-    Progress goes to ``stream`` (a bar on a terminal, lines otherwise) and, with a
-    ``tf.summary`` ``writer``, to TensorBoard as ``refine/*`` scalars per iteration;
-    ``curves_path`` gets the PNG of the progress records. Ground-truth metrics (and the
-    position error, when ``scan.metadata`` holds ``true_positions``) are added when the
-    scan has them. Returns the result and its metrics (the keys of
-    :func:`ptycho.inference.scored`, plus ``position_rmse`` when known).
-    """
-    from ptycho.inference import scan_region, truth_metrics
-    from ptycho.progress import Progress
-
-    truth_positions = scan.metadata.get("true_positions")
-    score = None
-    if scan.object is not None:
-        region = scan_region(scan)  # once, not per progress point
-
-        def score(obj):
-            return truth_metrics(
-                scan, obj, region=region, register=register, remove_phase_ramp=remove_phase_ramp
-            )
-
-    refiner = Refiner(scan, options, initial=initial, backend=backend, compile_mode=compile_mode)
-    progress = Progress(options.iterations, f"refine={options.mode}", stream=stream)
-
-    def on_record(record):
-        progress.update(record["iteration"], _progress_text(record))
-        if writer is not None:
-            with writer.as_default(step=record["iteration"]):
-                for key, value in record.items():
-                    if key != "iteration" and math.isfinite(value):
-                        tf.summary.scalar(f"refine/{key}", value)
-
-    try:
-        result = refiner.run(score=score, true_positions=truth_positions, on_record=on_record)
-    finally:
-        progress.close()
-        if writer is not None:
-            writer.flush()
-    final = dict(result.history[-1])
-    values = {key: final.pop(key) for key in ("r_factor", "poisson_nll")}
-    values.update({k: v for k, v in final.items() if k not in ("iteration", "seconds", "loss")})
-    if curves_path is not None:
-        save_curves(result.history, curves_path, title=f"refine={options.mode}")
-    return result, values
-
-
-def _progress_text(record: dict) -> str:
-    parts = [f"{record['seconds']:.1f} s", f"R {record['r_factor']:.4f}"]
-    for key, label in (("amp_ssim", "amp SSIM"), ("phase_ssim", "phase SSIM")):
-        if key in record:
-            parts.append(f"{label} {record[key]:.3f}")
-    if "position_rmse" in record:
-        parts.append(f"position error {record['position_rmse']:.2f} px")
-    return ", ".join(parts)
-
-
-def save_curves(history: list, path, *, title: str = ""):
-    """PNG of a refinement's progress records against iterations: R-factor, ground-truth
-    SSIM when known, position error when known."""
-    from ptycho.figures import pyplot, save_png
-
-    plt = pyplot()
-    iterations = [r["iteration"] for r in history]
-    panels = [("r_factor", "R-factor")]
-    if any("amp_ssim" in r for r in history):
-        panels.append(("ssim", "SSIM"))
-    if any("position_rmse" in r for r in history):
-        panels.append(("position_rmse", "position error (px rms)"))
-    figure, axes = plt.subplots(
-        1, len(panels), figsize=(4.2 * len(panels), 3.6), constrained_layout=True, squeeze=False
-    )
-    for axis, (key, label) in zip(axes[0], panels, strict=True):
-        if key == "ssim":
-            for name in ("amp_ssim", "phase_ssim"):
-                if any(name in r for r in history):
-                    values = [r.get(name, math.nan) for r in history]
-                    axis.plot(iterations, values, "o-", label=name)
-            axis.legend()
-        else:
-            axis.plot(iterations, [r[key] for r in history], "o-")
-        axis.set_xlabel("iteration")
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-    seconds = history[-1]["seconds"]
-    figure.suptitle(f"{title}  ({iterations[-1]} iterations, {seconds:.1f} s)")
-    return save_png(figure, path)

@@ -2,7 +2,7 @@
 
 A patch j is the N x N window of the object covering rows ``[y_j - N/2, y_j + N/2)``
 and columns ``[x_j - N/2, x_j + N/2)``, bilinear for sub-pixel positions, zero outside
-the object (DESIGN.md section 3). Sub-pixel shifts go through the project's own
+the object (docs/design.md, section 3). Sub-pixel shifts go through the project's own
 :func:`ptycho.warp.translate`, so the simulator and the model share one convention.
 """
 

@@ -11,8 +11,8 @@ Two backends implement the same semantics:
     XLA kernel, so it cannot run inside an XLA-compiled function, and TensorFlow
     registers no gradient with respect to the transform (only the images).
 
-Conventions (see DESIGN.md section 3)
--------------------------------------
+Conventions (docs/design.md, section 3)
+---------------------------------------
 Images are NHWC. A transform maps *output* pixel coordinates ``(x, y)`` (x = column,
 y = row, pixel centres at integers) to *input* coordinates::
 
@@ -43,6 +43,8 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 
 import tensorflow as tf
 
@@ -50,7 +52,11 @@ __all__ = [
     "BACKENDS",
     "FILL_MODES",
     "INTERPOLATIONS",
+    "LEGACY_UNDER_JIT",
+    "Backend",
     "LegacyBackendUnderXLAError",
+    "TranslateOptions",
+    "check_compilable",
     "inside_xla_compilation",
     "projective_warp",
     "run_under_xla",
@@ -58,7 +64,15 @@ __all__ = [
     "translation_transforms",
 ]
 
-BACKENDS = ("xla", "legacy")
+
+class Backend(StrEnum):
+    """Warp implementations (module docstring)."""
+
+    xla = "xla"
+    legacy = "legacy"
+
+
+BACKENDS = tuple(Backend)
 INTERPOLATIONS = ("bilinear", "nearest")
 FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 
@@ -71,6 +85,32 @@ class LegacyBackendUnderXLAError(Exception):
     Derives from ``Exception`` with its constructor untouched so that AutoGraph
     re-raises it with its own type instead of wrapping it in a ``StagingError``.
     """
+
+
+LEGACY_UNDER_JIT = (
+    "translate=legacy cannot run with compile=jit (ImageProjectiveTransformV3 has no XLA "
+    "kernel): use translate=xla, or compile=graph for the legacy path"
+)
+
+
+def check_compilable(backend: str, compile_mode: str) -> None:
+    """The one rule of backends and compile modes: the legacy op has no XLA kernel, so
+    ``backend="legacy"`` cannot run with ``compile_mode="jit"``. Raises
+    :class:`LegacyBackendUnderXLAError` (its message names the fix) before any tracing;
+    :func:`inside_xla_compilation` catches what gets past it while tracing."""
+    if backend == Backend.legacy and compile_mode == "jit":
+        raise LegacyBackendUnderXLAError(LEGACY_UNDER_JIT)
+
+
+@dataclass
+class TranslateOptions:
+    """The ``translate`` section: the warp of every translation (the model's overlap
+    constraint, the stitcher, the refinement's patch extraction)."""
+
+    backend: Backend = Backend.xla
+    """``xla``: the pure-TensorFlow gather warp (compiles under XLA; gradients for images
+    and offsets). ``legacy``: ``ImageProjectiveTransformV3`` (no XLA kernel, no offset
+    gradient): the rollback path."""
 
 
 # --------------------------------------------------------------------------------------
@@ -528,7 +568,7 @@ def translate(
     """Translate images by sub-pixel offsets ``[dx, dy]`` with zero fill.
 
     ``out(y, x) = img(y - dy, x - dx)``: positive ``dx`` moves content right, positive
-    ``dy`` moves it down (DESIGN.md section 3).
+    ``dy`` moves it down (docs/design.md, section 3).
 
     Parameters
     ----------

@@ -1,4 +1,9 @@
-"""Shared test helpers: composing the real Hydra configuration."""
+"""Shared test helpers: composing the real Hydra configuration, running the entry points.
+
+The suite is split by kind: ``unit/`` (library functions against independent
+computations), ``app/`` (the real ``app.train`` / ``app.infer`` on composed
+configurations, in-process), ``e2e/`` (``train.py`` / ``infer.py`` as users run them, in
+subprocesses)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hypothesis import settings
 
-from ptycho.config import register_configs
+from ptycho.config import register_configs, typed
 
 # Property-based tests draw the same examples on every run and machine: a failure in CI
 # is reproduced by running the test again, and a green run means the same cases passed.
@@ -21,11 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-def compose_config(name: str = "train", overrides=()):
+def compose_raw(name: str = "train", overrides=()):
     """The real configuration ``conf/<name>.yaml`` with ``overrides``, as Hydra composes it."""
     register_configs()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
+
+
+def compose_config(name: str = "train", overrides=()):
+    """The typed configuration the entry point hands the application."""
+    return typed(compose_raw(name, overrides))
 
 
 def _environment(env=None) -> dict:

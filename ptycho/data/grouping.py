@@ -3,7 +3,7 @@
 For ``gridsize`` g > 1, each training sample is C = g * g neighbouring scan positions;
 the network sees their C diffraction patterns as channels, and their offsets from the
 group centre enter the model's overlap constraint. The network can only learn if it can
-tell which channel sits where (DESIGN.md section 4), so every group has the same shape
+tell which channel sits where (docs/design.md, section 4), so every group has the same shape
 and the same member order wherever possible:
 
 ``"block"``
@@ -23,12 +23,30 @@ and the same member order wherever possible:
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["GROUPINGS", "group_offsets", "group_positions", "scan_step", "tile_groups"]
+__all__ = [
+    "GROUPINGS",
+    "Grouping",
+    "group_offsets",
+    "group_positions",
+    "scan_step",
+    "tile_groups",
+]
 
-GROUPINGS = ("auto", "block", "nearest")
+
+class Grouping(StrEnum):
+    """How positions become the C channels of a sample (module docstring)."""
+
+    auto = "auto"
+    block = "block"
+    nearest = "nearest"
+
+
+GROUPINGS = tuple(Grouping)
 LATTICE_TOLERANCE = 0.45  # fraction of the step: how far a raster neighbour may stray
 
 

@@ -1,6 +1,6 @@
 """Reading and writing scans: PtychoPINN NPZ, the project's HDF5, CXI (read only).
 
-Formats (DESIGN.md section 4):
+Formats (docs/design.md, section 4; docs/data.md):
 
 ``.npz``
     PtychoPINN-compatible keys. ``diff3d`` (M, N, N) float32 amplitudes (``diffraction``

@@ -1,6 +1,6 @@
 """The ``Scan``: one ptychography scan, validated once on construction.
 
-Conventions (DESIGN.md sections 3-4): ``diffraction`` holds far-field *amplitudes*
+Conventions (docs/design.md, sections 3-4): ``diffraction`` holds far-field *amplitudes*
 (square roots of counts) with the zero frequency at the centre; ``xcoords`` and
 ``ycoords`` are patch *centres* in object pixels, x the column and y the row.
 """

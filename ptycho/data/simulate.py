@@ -7,11 +7,14 @@ object kind reads test images that ship inside scikit-image.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import numpy as np
 import scipy.ndimage
 
 from ptycho.data.scan import Scan
+from ptycho.errors import require
 from ptycho.physics import far_field
 from ptycho.stitch import extract_patches
 
@@ -19,15 +22,39 @@ __all__ = [
     "OBJECT_KINDS",
     "PROBE_KINDS",
     "SCAN_KINDS",
+    "ObjectKind",
+    "ProbeKind",
+    "ScanKind",
+    "SimulationSpec",
     "make_object",
     "make_probe",
     "scan_positions",
     "simulate",
 ]
 
-OBJECT_KINDS = ("lines", "grf", "image")
-PROBE_KINDS = ("disk", "fresnel", "aberrated", "gaussian")
-SCAN_KINDS = ("grid", "spiral", "random")
+
+class ObjectKind(StrEnum):
+    lines = "lines"
+    grf = "grf"
+    image = "image"
+
+
+class ProbeKind(StrEnum):
+    disk = "disk"
+    fresnel = "fresnel"
+    aberrated = "aberrated"
+    gaussian = "gaussian"
+
+
+class ScanKind(StrEnum):
+    grid = "grid"
+    spiral = "spiral"
+    random = "random"
+
+
+OBJECT_KINDS = tuple(ObjectKind)
+PROBE_KINDS = tuple(ProbeKind)
+SCAN_KINDS = tuple(ScanKind)
 BUNDLED_IMAGES = (
     "camera",
     "moon",
@@ -134,11 +161,11 @@ def make_object(
     *,
     kind: str = "lines",
     amplitude_range: tuple[float, float] = (0.2, 1.0),
-    phase_range: tuple[float, float] = (-math.pi / 2, math.pi / 2),
+    phase_range: tuple[float, float] = (-0.6, 0.6),
     images: tuple[str, str] = ("camera", "moon"),
     correlation_length: float = 4.0,
-    line_blur: tuple[float, ...] = (1.0,),
-    line_blur_weights: tuple[float, ...] | None = None,
+    line_blur: tuple[float, ...] = (1.0, 5.0, 10.0),
+    line_blur_weights: tuple[float, ...] | None = (1.0, 2.0, 5.0),
     seed: int = 0,
 ) -> np.ndarray:
     """A complex (H, W) object with independent amplitude and phase textures.
@@ -199,8 +226,8 @@ ABERRATIONS = (
 def make_probe(
     n: int,
     *,
-    kind: str = "disk",
-    radius: float = 0.25,
+    kind: str = "aberrated",
+    radius: float = 0.2,
     blur: float = 1.5,
     fresnel_number: float = 8.0,
 ) -> np.ndarray:
@@ -300,114 +327,183 @@ def scan_positions(
     return x - x.min(), y - y.min()
 
 
-def simulate(
-    *,
-    n: int = 64,
-    n_positions: int = 256,
-    object_kind: str = "lines",
-    amplitude_range: tuple[float, float] = (0.2, 1.0),
-    phase_range: tuple[float, float] = (-math.pi / 2, math.pi / 2),
-    images: tuple[str, str] = ("camera", "moon"),
-    correlation_length: float = 4.0,
-    line_blur: tuple[float, ...] = (1.0,),
-    line_blur_weights: tuple[float, ...] | None = None,
-    probe: str | np.ndarray = "disk",
-    probe_radius: float = 0.25,
-    fresnel_number: float = 8.0,
-    scan: str = "grid",
-    step: float = 0.25,
-    jitter: float = 0.0,
-    nphotons: float | None = 1e9,
-    margin: int = 2,
-    seed: int = 0,
-) -> Scan:
+@dataclass
+class SimulationSpec:
+    """One simulated scan: the object, the probe, the scan path and the dose.
+
+    The defaults are the project's default sample (``conf/data/lines.yaml``): multi-scale
+    random lines in amplitude and an independent drawing in phase, the measured-like
+    aberrated probe, a dense raster, 1e9 photons per pattern.
+    """
+
+    n: int = 64
+    """Pattern size N (even, >= 16)."""
+    n_positions: int = 6400
+    """Scan positions M."""
+    object_kind: ObjectKind = ObjectKind.lines
+    """``lines`` (random line drawings, PtychoPINN's), ``grf`` (Gaussian random field) or
+    ``image`` (two of scikit-image's bundled photographs)."""
+    amplitude_range: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    """Amplitude where the texture is 0 and where it is 1."""
+    phase_range: list[float] = field(default_factory=lambda: [-0.6, 0.6])
+    """Phase (rad) where the texture is 0 and where it is 1."""
+    images: list[str] = field(default_factory=lambda: ["camera", "moon"])
+    """Bundled scikit-image test images for ``object_kind=image``: (amplitude, phase)."""
+    correlation_length: float = 4.0
+    """Pixels, for ``object_kind=grf``."""
+    line_blur: list[float] = field(default_factory=lambda: [1.0, 5.0, 10.0])
+    """Gaussian blur(s) of the line drawing, pixels (``object_kind=lines``)."""
+    line_blur_weights: list[float] | None = field(default_factory=lambda: [1.0, 2.0, 5.0])
+    """One weight per blur (null: equal)."""
+    probe: ProbeKind = ProbeKind.aberrated
+    """``aberrated`` (complex, asymmetric: as focusing optics make), ``disk``, ``fresnel``
+    or ``gaussian`` (:func:`make_probe`)."""
+    probe_radius: float = 0.2
+    """Aperture radius, fraction of N."""
+    fresnel_number: float = 8.0
+    """Of the propagated probes (``fresnel``, ``aberrated``)."""
+    scan: ScanKind = ScanKind.grid
+    """``grid`` (raster), ``spiral`` (Fermat) or ``random``."""
+    step: float = 0.0625
+    """Distance between neighbouring positions, fraction of N."""
+    jitter: float = 0.0
+    """Position noise (standard deviation), fraction of N."""
+    position_error: float = 0.0
+    """Pixels rms of random errors in the stored positions, as an instrument's encoders
+    make; the true positions are kept in ``metadata["true_positions"]`` for metrics."""
+    nphotons: float | None = 1e9
+    """Mean total counts per pattern (Poisson); null: noiseless, unscaled ``|Psi|``."""
+    margin: int = 2
+    """Pixels of object around the outermost patches."""
+    seed: int = 0
+    """Seeds the object, the scan path, the noise and the position errors."""
+
+    def check(self) -> None:
+        """``ValueError`` naming the first field out of range."""
+        blurs, weights = list(self.line_blur), self.line_blur_weights
+        require(
+            [
+                (self.n >= 16 and self.n % 2 == 0, f"n={self.n}: must be even and >= 16"),
+                (self.n_positions >= 1, f"n_positions={self.n_positions}: must be >= 1"),
+                (
+                    self.nphotons is None or self.nphotons > 0,
+                    f"nphotons={self.nphotons}: must be > 0, or null (noiseless)",
+                ),
+                (self.step > 0, f"step={self.step}: must be > 0 (fraction of N)"),
+                (self.jitter >= 0, f"jitter={self.jitter}: must be >= 0 (fraction of N)"),
+                (
+                    self.position_error >= 0,
+                    f"position_error={self.position_error}: must be >= 0 (pixels)",
+                ),
+                (
+                    0 < self.probe_radius <= 0.5,
+                    f"probe_radius={self.probe_radius}: must be in (0, 0.5] (fraction of N)",
+                ),
+                (
+                    bool(blurs) and min(blurs) >= 0,
+                    f"line_blur={blurs}: must be one or more blurs >= 0 (pixels)",
+                ),
+                (
+                    weights is None
+                    or (len(weights) == len(blurs) and min(weights) >= 0 and max(weights) > 0),
+                    f"line_blur_weights={None if weights is None else list(weights)}: must be "
+                    f"one weight >= 0 per line_blur entry ({len(blurs)}), not all 0, or null "
+                    "for equal weights",
+                ),
+                (
+                    len(self.amplitude_range) == 2 and min(self.amplitude_range) >= 0,
+                    f"amplitude_range={list(self.amplitude_range)}: must be two values >= 0",
+                ),
+                (
+                    len(self.phase_range) == 2,
+                    f"phase_range={list(self.phase_range)}: must be two values (rad)",
+                ),
+            ]
+        )
+
+
+def simulate(spec: SimulationSpec | None = None, /, **changes) -> Scan:
     """Simulate a far-field ptychography scan.
 
     Parameters
     ----------
-    n : int
-        Pattern size N (even, >= 16).
-    n_positions : int
-        Number of scan positions M.
-    object_kind, amplitude_range, phase_range, images, correlation_length, line_blur,
-    line_blur_weights
-        See :func:`make_object`. The object is just large enough for every patch (plus
-        ``margin`` pixels).
-    probe : {"disk", "fresnel", "gaussian"} or (N, N) complex array
-        See :func:`make_probe`; ``probe_radius`` (fraction of N) and
-        ``fresnel_number`` shape it.
-    scan : {"grid", "spiral", "random"}
-        See :func:`scan_positions`.
-    step : float
-        Distance between neighbouring positions as a fraction of N (overlap).
-    jitter : float
-        Position noise, standard deviation as a fraction of N.
-    nphotons : float or None
-        Mean total counts per pattern: the stored amplitudes are ``sqrt(counts)`` with
-        ``counts ~ Poisson(s |Psi|^2)`` and ``s`` set so the expected total per pattern
-        averages ``nphotons``. None: noiseless, unscaled ``|Psi|``.
-    margin : int
-        Pixels of object around the outermost patches.
-    seed : int
-        Seeds the object, the scan path and the noise.
+    spec : SimulationSpec, optional
+        What to simulate (default: :class:`SimulationSpec`'s defaults); keyword arguments
+        change fields of it (``simulate(n=32, n_positions=64, nphotons=None)``).
 
     Returns
     -------
-    Scan with ``object`` set (the ground truth) and positions in object pixels.
+    Scan with ``object`` set (the ground truth) and positions in object pixels (patch
+    centres); the object is just large enough for every patch plus ``margin`` pixels.
+    Intensities ``|fftshift(fft2(P O_j)) / N|^2`` (docs/design.md, section 3); with
+    ``nphotons`` the stored amplitudes are ``sqrt(counts)``, ``counts ~ Poisson(s I)`` with
+    ``s`` set so the expected total per pattern averages ``nphotons``.
     """
-    if n < 16 or n % 2:
-        raise ValueError(f"n must be even and >= 16, got {n}")
-    if nphotons is not None and not nphotons > 0:
-        raise ValueError(f"nphotons must be > 0 or None (noiseless), got {nphotons}")
-    if isinstance(probe, str):
-        probe_array = make_probe(n, kind=probe, radius=probe_radius, fresnel_number=fresnel_number)
-    else:
-        probe_array = np.asarray(probe, np.complex64)
-        if probe_array.shape != (n, n):
-            raise ValueError(f"probe array must have shape ({n}, {n}), got {probe_array.shape}")
-    seeds = np.random.SeedSequence(seed).spawn(3)
+    spec = replace(spec or SimulationSpec(), **changes)
+    spec.check()
+    n = spec.n
+    probe = make_probe(
+        n, kind=spec.probe, radius=spec.probe_radius, fresnel_number=spec.fresnel_number
+    )
+    seeds = np.random.SeedSequence(spec.seed).spawn(3)
     x, y = scan_positions(
-        n_positions,
-        kind=scan,
-        step=step * n,
-        jitter=jitter * n,
+        spec.n_positions,
+        kind=spec.scan,
+        step=spec.step * n,
+        jitter=spec.jitter * n,
         seed=int(seeds[0].generate_state(1)[0]),
     )
+    margin = spec.margin
     x, y = x + n / 2 + margin, y + n / 2 + margin
     size = (math.ceil(y.max() + n / 2) + margin + 1, math.ceil(x.max() + n / 2) + margin + 1)
     obj = make_object(
         size,
-        kind=object_kind,
-        amplitude_range=amplitude_range,
-        phase_range=phase_range,
-        images=images,
-        correlation_length=correlation_length,
-        line_blur=line_blur,
-        line_blur_weights=line_blur_weights,
+        kind=spec.object_kind,
+        amplitude_range=tuple(spec.amplitude_range),
+        phase_range=tuple(spec.phase_range),
+        images=tuple(spec.images),
+        correlation_length=spec.correlation_length,
+        line_blur=tuple(spec.line_blur),
+        line_blur_weights=None if spec.line_blur_weights is None else tuple(spec.line_blur_weights),
         seed=int(seeds[1].generate_state(1)[0]),
     )
     patches = extract_patches(obj, x, y, n)
-    intensity = np.empty((n_positions, n, n), np.float64)
-    for start in range(0, n_positions, 512):
+    intensity = np.empty((spec.n_positions, n, n), np.float64)
+    for start in range(0, spec.n_positions, 512):
         stop = start + 512
-        intensity[start:stop] = np.abs(far_field(probe_array * patches[start:stop])) ** 2
-    if nphotons is None:
+        intensity[start:stop] = np.abs(far_field(probe * patches[start:stop])) ** 2
+    if spec.nphotons is None:
         amplitudes = np.sqrt(intensity)
     else:
-        scale = nphotons / intensity.sum(axis=(1, 2)).mean()
+        scale = spec.nphotons / intensity.sum(axis=(1, 2)).mean()
         noise_rng = np.random.default_rng(seeds[2])
         amplitudes = np.sqrt(noise_rng.poisson(scale * intensity))
-    description = (
-        f"simulated: object={object_kind} probe="
-        f"{probe if isinstance(probe, str) else 'array'} scan={scan} n={n} M={n_positions}"
-    )
-    return Scan(
+    scan = Scan(
         diffraction=amplitudes.astype(np.float32),
-        probe=probe_array,
+        probe=probe,
         xcoords=x,
         ycoords=y,
         object=obj,
-        nphotons=nphotons,
-        seed=seed,
-        source=description,
+        nphotons=spec.nphotons,
+        seed=spec.seed,
+        source=(
+            f"simulated: object={spec.object_kind} probe={spec.probe} scan={spec.scan} n={n} "
+            f"M={spec.n_positions}"
+        ),
+    )
+    return _with_position_errors(scan, spec.position_error)
+
+
+def _with_position_errors(scan: Scan, rms: float) -> Scan:
+    """The scan with random errors of ``rms`` pixels (both axes together) in its stored
+    positions; the true positions are kept in ``metadata["true_positions"]``."""
+    if not rms:
+        return scan
+    rng = np.random.default_rng([scan.seed or 0, 7])
+    error = rng.normal(0.0, rms / math.sqrt(2.0), (scan.n_positions, 2))
+    height, width = scan.object.shape
+    return scan.replace(
+        xcoords=np.clip(scan.xcoords + error[:, 0], 0, width - 1),
+        ycoords=np.clip(scan.ycoords + error[:, 1], 0, height - 1),
+        metadata={**scan.metadata, "true_positions": scan.positions},
     )

@@ -219,7 +219,9 @@ def test_poisson_loss_is_the_poisson_nll_difference():
 def test_model_builds_with_expected_shapes(n, gridsize):
     probe = np.ones((n, n), np.complex64)
     training, inference = build_model(
-        ModelConfig(n=n, gridsize=gridsize, filters=4), probe=probe, norm_factor=1.0
+        ModelConfig(n=n, gridsize=gridsize, filters=4, precision="float32"),
+        probe=probe,
+        norm_factor=1.0,
     )
     c = gridsize**2
     inputs = {"diffraction": np.ones((2, n, n, c), np.float32)}
@@ -266,7 +268,7 @@ def object_error(predicted: np.ndarray, truth: np.ndarray, probe: np.ndarray) ->
 def test_training_steps_decrease_the_loss_and_the_object_error(learnable_scan, backend, mode):
     """Not only the loss (the intensity scale alone could lower it): the object patches
     of the batch move towards the truth, cut out independently with scipy."""
-    from tests.test_reconstruction import scipy_patch
+    from tests.unit.test_reconstruction import scipy_patch
 
     scan = learnable_scan
     keras.utils.set_random_seed(0)
@@ -322,7 +324,12 @@ def test_amplitude_activation_and_object_support(activation, reference, support)
     n = 64
     _, inference = build_model(
         ModelConfig(
-            n=n, gridsize=1, filters=4, amplitude_activation=activation, object_support=support
+            n=n,
+            gridsize=1,
+            filters=4,
+            amplitude_activation=activation,
+            object_support=support,
+            precision="float32",
         ),
         probe=np.ones((n, n), np.complex64),
         norm_factor=1.0,
@@ -369,16 +376,19 @@ def test_compile_model_refuses_jit_when_keras_turns_xla_off(tiny_scan):
 
 def test_legacy_model_is_refused_for_jit(tiny_scan):
     training, _ = build_model(
-        ModelConfig(filters=4), probe=tiny_scan.probe, norm_factor=1.0, translate_backend="legacy"
+        ModelConfig(filters=4, precision="float32"),
+        probe=tiny_scan.probe,
+        norm_factor=1.0,
+        translate_backend="legacy",
     )
-    with pytest.raises(ValueError, match="translate=xla"):
+    with pytest.raises(LegacyBackendUnderXLAError, match="use translate=xla"):
         compile_model(training, "jit")
 
 
 def test_gradients_reach_every_trainable_weight(tiny_scan):
     inputs, target, factor = first_batch(tiny_scan, gridsize=2, batch_size=4)
     training, _ = build_model(
-        ModelConfig(n=64, gridsize=2, filters=4, probe_trainable=True),
+        ModelConfig(n=64, gridsize=2, filters=4, probe_trainable=True, precision="float32"),
         probe=tiny_scan.probe,
         norm_factor=factor,
     )
@@ -411,7 +421,9 @@ np.savez(sys.argv[3], amplitude=out["amplitude"], object=out["object"])
 @pytest.mark.slow
 def test_saved_model_loads_in_a_fresh_process_with_safe_mode(tiny_scan, tmp_path):
     inputs, target, factor = first_batch(tiny_scan, gridsize=2, batch_size=4)
-    training, _ = build_model(ModelConfig(filters=4), probe=tiny_scan.probe, norm_factor=factor)
+    training, _ = build_model(
+        ModelConfig(filters=4, precision="float32"), probe=tiny_scan.probe, norm_factor=factor
+    )
     compile_model(training, "graph")
     training.train_on_batch(inputs, target)
     path = tmp_path / "model.keras"
@@ -444,7 +456,10 @@ def test_backend_is_chosen_at_load_time(tiny_scan, tmp_path, saved, loaded):
     inputs, _, factor = first_batch(tiny_scan, gridsize=2, batch_size=4)
     inputs["offsets"] = inputs["offsets"] + 0.37  # sub-pixel shifts: the backends really warp
     training, _ = build_model(
-        ModelConfig(filters=4), probe=tiny_scan.probe, norm_factor=factor, translate_backend=saved
+        ModelConfig(filters=4, precision="float32"),
+        probe=tiny_scan.probe,
+        norm_factor=factor,
+        translate_backend=saved,
     )
     before = training.predict(inputs, verbose=0)
     training.save(tmp_path / "model.keras")

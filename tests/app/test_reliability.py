@@ -1,4 +1,5 @@
-"""Bad input, interrupted and failing runs, untrusted files, reproducibility."""
+"""Bad input, interrupted and failing runs, reproducibility: the real ``app.train`` and
+``app.infer`` in-process. The same through the entry points: tests/e2e/."""
 
 from __future__ import annotations
 
@@ -9,25 +10,13 @@ import time
 import zipfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from ptycho import app
-from ptycho.cli import run_job
-from ptycho.data import Scan, ScanFileError, load_scan, save_scan, simulate
+from ptycho.data import ScanFileError, load_scan, save_scan, simulate
 from ptycho.errors import ConfigError, DataError
-from tests.conftest import ROOT, run_script, start_script
 from tests.conftest import compose_config as make_config
-
-OUTPUTS = ("model.keras", "metrics.json", "reconstruction.npz", "reconstruction.png")
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +164,7 @@ def test_keras_files_with_lambda_or_unknown_classes_are_refused(good_scan, tmp_p
         load_model(tmp_path / "unknown.keras")
 
     # What the application says: one short line naming the file, what is wrong, the fix.
-    from ptycho.app import _load_checkpoint
+    from ptycho.checkpoints import load_trained
     from ptycho.errors import DataError
 
     for name, says in (
@@ -183,81 +172,10 @@ def test_keras_files_with_lambda_or_unknown_classes_are_refused(good_scan, tmp_p
         ("unknown.keras", "uses a layer class this version does not know ("),
     ):
         with pytest.raises(DataError) as refused:
-            _load_checkpoint(str(tmp_path / name), "xla")
+            load_trained(str(tmp_path / name), "xla")
         line = str(refused.value)
         assert line.startswith(f"checkpoint={tmp_path / name}: {says}"), line
         assert len(line) - len(str(tmp_path)) <= 150 and "\n" not in line, line
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("case", "code"),
-    [
-        ("corrupt npz", 1),
-        ("pickle npz", 1),
-        ("typo", 2),
-        ("wrong type", 2),
-        ("legacy jit", 2),
-        ("unwritable output", 2),
-        ("unwritable default output", 2),
-        ("missing checkpoint", 2),
-        ("lambda checkpoint", 1),
-    ],
-)
-def test_entry_points_exit_with_one_line_and_the_right_code(case, code, good_scan, tmp_path):
-    import keras
-
-    arrays = scan_arrays(good_scan)
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    corrupt = tmp_path / "corrupt.npz"
-    corrupt.write_bytes(good_scan.read_bytes()[:999])
-    inputs = keras.Input((4,))
-    keras.Model(inputs, keras.layers.Lambda(lambda x: x)(inputs)).save(tmp_path / "lam.keras")
-    run_dir = tmp_path / "run"
-    train = ["train.py", "debug=smoke", f"hydra.run.dir={run_dir}"]
-    args = {
-        "corrupt npz": [*train, "data=npz", f"data.path={corrupt}"],
-        "pickle npz": [
-            *train,
-            "data=npz",
-            "data.path="
-            + str(
-                write_npz(tmp_path / "p.npz", **{**arrays, "probeGuess": np.array([None], object)})
-            ),
-        ],
-        "typo": [*train, "train.epoch=3"],
-        "wrong type": [*train, "train.epochs=many"],
-        "legacy jit": [*train, "translate=legacy", "compile=jit"],
-        "unwritable output": ["train.py", "debug=smoke", f"hydra.run.dir={blocker}/run"],
-        # run from a folder where the default outputs/ cannot be made (a file is there)
-        "unwritable default output": [str(ROOT / "train.py"), "debug=smoke"],
-        "missing checkpoint": [
-            "infer.py",
-            f"checkpoint={tmp_path}/none.keras",
-            f"data.path={good_scan}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        "lambda checkpoint": [
-            "infer.py",
-            f"checkpoint={tmp_path / 'lam.keras'}",
-            f"data.path={good_scan}",
-            f"hydra.run.dir={run_dir}",
-        ],
-    }[case]
-    if case == "unwritable default output":
-        (tmp_path / "outputs").write_text("not a folder")
-    result = run_script(*args, cwd=tmp_path if case == "unwritable default output" else ROOT)
-    assert result.returncode == code, result.stderr[-3000:]
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1, result.stderr[-3000:]
-    if case.startswith("unwritable"):
-        assert "hydra.run.dir" in lines[0], lines[0]
-    if case == "lambda checkpoint":
-        assert "contains a Lambda layer" in lines[0] and len(lines[0]) <= 200, lines[0]
-    assert "Traceback" not in result.stderr
-    for name in OUTPUTS:
-        assert not (run_dir / name).exists()
 
 
 # --------------------------------------------------------------------------------------
@@ -265,86 +183,10 @@ def test_entry_points_exit_with_one_line_and_the_right_code(case, code, good_sca
 # --------------------------------------------------------------------------------------
 
 
-def wait_for_epoch(run_dir: Path, epoch: int, process, timeout=300) -> None:
-    state = run_dir / "checkpoints" / "state.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"training ended early: {process.stderr.read()[-2000:]}")
-        if state.exists():
-            try:
-                if json.loads(state.read_text())["epoch"] >= epoch:
-                    return
-            except (json.JSONDecodeError, KeyError):
-                pass
-        time.sleep(0.2)
-    raise AssertionError("no checkpoint appeared")
-
-
-RESUME_RUN = [
-    "debug=smoke",
-    "compile=graph",
-    "train.epochs=5",
-    "data.n_positions=64",
-    "train.eval_every=0",
-]
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    reference = run_script("train.py", *RESUME_RUN, f"hydra.run.dir={tmp_path / 'reference'}")
-    assert reference.returncode == 0, reference.stderr[-2000:]
-
-    run_dir = tmp_path / "killed"
-    # 64 raster positions give 49 blocks of 2 x 2, 6 full batches of 8 per epoch: killed
-    # at the start of the 3rd step of epoch 3.
-    killed = run_script(
-        "tests/kill_at_step.py", "14", "train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}"
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert json.loads((run_dir / "checkpoints" / "state.json").read_text())["epoch"] == 2
-    assert not (run_dir / "model.keras").exists()
-    resumed = run_script("train.py", *RESUME_RUN, f"hydra.run.dir={run_dir}", "resume=true")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from epoch" in (run_dir / "train.log").read_text()
-
-    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
-    got = json.loads((run_dir / "metrics.json").read_text())
-    # Same seed, same batches (the shuffle depends only on seed and epoch), same Adam
-    # state (saved in the checkpoint): graph mode reproduces the run to float32 noise.
-    for key in ("final_loss", "r_factor", "amp_ssim", "phase_ssim"):
-        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
-
-
-@pytest.mark.slow
-def test_sigint_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
-    run_dir = tmp_path / "run"
-    process = start_script(
-        "train.py",
-        "debug=smoke",
-        "compile=graph",
-        "train.epochs=200",
-        "data.n_positions=64",
-        "train.eval_every=0",
-        f"hydra.run.dir={run_dir}",
-    )
-    wait_for_epoch(run_dir, 1, process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
-    lines = error_lines(stderr)
-    assert len(lines) == 1 and "resume=true" in lines[0] and str(run_dir) in lines[0]
-    assert (run_dir / "checkpoints" / "last.keras").is_file()
-    saved = json.loads((run_dir / "checkpoints" / "state.json").read_text())["epoch"]
-    assert f"checkpoint of epoch {saved} " in lines[0]
-    assert not (run_dir / "model.keras").exists()
-    assert "Traceback" not in stderr
-
-
 def test_ctrl_c_mid_epoch_stops_after_the_step_and_does_not_count_the_epoch(tmp_path, monkeypatch):
     """The first Ctrl-C is a request: the step finishes, the cut epoch is not saved."""
-    from ptycho.callbacks import TrainingMonitor
     from ptycho.errors import Interrupted
+    from ptycho.monitor import TrainingMonitor
 
     seen = []
     original = TrainingMonitor.on_train_batch_begin
@@ -369,7 +211,7 @@ def test_ctrl_c_mid_epoch_stops_after_the_step_and_does_not_count_the_epoch(tmp_
 
 
 def test_a_second_ctrl_c_interrupts_at_once():
-    from ptycho.callbacks import stop_on_interrupt
+    from ptycho.monitor import stop_on_interrupt
 
     class Monitor:
         stop_requested = False
@@ -412,31 +254,6 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_outputs(tmp_path):
     assert (tmp_path / "checkpoints" / "last.keras").read_bytes() == checkpoint_before
 
 
-def test_run_job_maps_errors_to_exit_codes(capsys):
-    def raise_(error):
-        def fn():
-            raise error
-
-        return fn
-
-    for error, code in (
-        (ConfigError("bad field"), 2),
-        (ScanFileError("x.npz: broken"), 1),
-        (RuntimeError("boom\nsecond line"), 1),
-    ):
-        with pytest.raises(SystemExit) as exit_info:
-            run_job(raise_(error))
-        assert exit_info.value.code == code
-        assert capsys.readouterr().err.strip().count("\n") == 0
-    with pytest.raises(SystemExit):
-        run_job(raise_(KeyError()))  # no message: the error's type names it
-    assert capsys.readouterr().err.strip() == "error: KeyError"
-    with pytest.raises(SystemExit) as exit_info:
-        run_job(raise_(KeyboardInterrupt()))  # Ctrl-C outside training's own handling
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.strip().startswith("interrupted: Ctrl-C")
-
-
 # --------------------------------------------------------------------------------------
 # Reproducibility
 # --------------------------------------------------------------------------------------
@@ -461,86 +278,3 @@ def test_same_seed_reproduces_metrics(tmp_path):
         assert results["graph", 1][key] == results["graph", 2][key], key
     for key in keys:  # XLA: reproducible to float32 round-off (see README)
         assert results["jit", 1][key] == pytest.approx(results["jit", 2][key], rel=1e-5), key
-
-
-# --------------------------------------------------------------------------------------
-# Property-based: the loaders never fail with anything but ScanFileError
-# --------------------------------------------------------------------------------------
-
-
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(data=st.binary(max_size=4096), suffix=st.sampled_from([".npz", ".h5", ".hdf5", ".cxi"]))
-def test_arbitrary_bytes_only_raise_scan_file_error(tmp_path, data, suffix):
-    path = tmp_path / f"junk{suffix}"
-    path.write_bytes(data)
-    with pytest.raises(ScanFileError):
-        load_scan(path)
-
-
-array_strategy = hnp.arrays(
-    dtype=st.one_of(
-        hnp.floating_dtypes(),
-        hnp.integer_dtypes(),
-        hnp.complex_number_dtypes(),
-        hnp.boolean_dtypes(),
-        hnp.unicode_string_dtypes(max_len=3),
-    ),
-    shape=hnp.array_shapes(min_dims=0, max_dims=3, max_side=20),
-)
-
-
-@settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    arrays=st.dictionaries(
-        st.sampled_from(
-            [
-                "diff3d",
-                "diffraction",
-                "probeGuess",
-                "xcoords",
-                "ycoords",
-                "objectGuess",
-                "scan_index",
-                "nphotons",
-                "other",
-            ]
-        ),
-        array_strategy,
-        max_size=7,
-    )
-)
-def test_arbitrary_npz_arrays_give_a_scan_or_scan_file_error(tmp_path, arrays):
-    path = write_npz(tmp_path / "arrays.npz", **arrays)
-    try:
-        scan = load_scan(path)
-    except ScanFileError:
-        return
-    assert isinstance(scan, Scan)
-
-
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    arrays=st.dictionaries(
-        st.sampled_from(["diff3d", "probeGuess", "xcoords", "ycoords", "objectGuess"]),
-        array_strategy,
-        max_size=5,
-    )
-)
-def test_arbitrary_h5_datasets_give_a_scan_or_scan_file_error(tmp_path, arrays):
-    path = tmp_path / "arrays.h5"
-    with h5py.File(path, "w") as handle:
-        for key, value in arrays.items():
-            if value.dtype.kind == "U":
-                value = np.char.encode(value, "utf-8")
-            handle[key] = value
-    try:
-        scan = load_scan(path)
-    except ScanFileError:
-        return
-    assert isinstance(scan, Scan)

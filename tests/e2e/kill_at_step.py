@@ -1,6 +1,6 @@
 """Run ``train.py`` and SIGKILL it when training reaches a given optimizer step.
 
-``python tests/kill_at_step.py STEP train.py [overrides ...]``: a test-only wrapper, so
+``python tests/e2e/kill_at_step.py STEP train.py [overrides ...]``: a test-only wrapper, so
 that a crash lands at the same point of training on any machine (a timer would not).
 The process dies at the start of step ``STEP`` (0-based count of completed steps), with
 no handler run, as under ``kill -9`` or an out-of-memory kill.
@@ -11,7 +11,7 @@ import runpy
 import signal
 import sys
 
-from ptycho.callbacks import TrainingMonitor
+from ptycho.monitor import TrainingMonitor
 
 kill_step = int(sys.argv[1])
 sys.argv = sys.argv[2:]

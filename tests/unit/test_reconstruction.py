@@ -3,7 +3,7 @@
 ``reconstruct()`` is fed the true object patches (cut out with scipy, independently of
 the project's warp) and their far-field amplitudes (numpy FFT); a shifted stitching
 frame, a wrong scan region, a lost normalisation factor or broken scale and phase
-removal in ``scored()`` would all show here.
+removal in ``Scorer.score`` would all show here.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import tensorflow as tf
 
 import ptycho  # noqa: F401
 from ptycho.data import group_offsets, group_positions, normalisation_factor, scan_step, simulate
-from ptycho.inference import Reconstruction, reconstruct, scan_region, scored
+from ptycho.inference import reconstruct
 from ptycho.metrics import poisson_nll, r_factor
 from ptycho.model import ModelConfig, build_model
+from ptycho.reconstruction import Reconstruction
+from ptycho.scoring import Scorer, scan_region
 
 N = 64
 
@@ -84,15 +86,21 @@ class TruthOracle:
 def model_for(scan, **config):
     factor = normalisation_factor(scan.diffraction)
     model, _ = build_model(
-        ModelConfig(n=N, filters=4, **config), probe=scan.probe, norm_factor=factor
+        ModelConfig(n=N, filters=4, precision="float32", **config),
+        probe=scan.probe,
+        norm_factor=factor,
     )
     return model, factor
 
 
 @pytest.fixture(scope="module")
 def grid_scan():
-    """Noiseless raster at integer positions (step 8 px) over a non-square object."""
-    return simulate(n=N, n_positions=40, step=0.125, nphotons=None, seed=11)
+    """Noiseless raster at integer positions (step 8 px) over a non-square object, under
+    a flat-topped disk probe (coverage thresholds do not depend on how many groups
+    cover a pixel)."""
+    return simulate(
+        n=N, n_positions=40, step=0.125, probe="disk", probe_radius=0.25, nphotons=None, seed=11
+    )
 
 
 @pytest.fixture(scope="module")
@@ -202,16 +210,22 @@ def test_a_wrong_answer_is_not_scored_as_the_truth(grid_scan):
     assert scored(result, scan)["amp_ssim"] < 0.9
 
 
+def scored(result, scan) -> dict:
+    return Scorer(scan).score(result)
+
+
 def given_object(obj, mask, scan) -> Reconstruction:
     """A reconstruction holding ``obj`` (no prediction behind it): for scoring alone."""
     return Reconstruction(
         obj=obj,
         mask=mask,
+        xcoords=scan.xcoords,
+        ycoords=scan.ycoords,
+        probe=scan.probe,
         r_factor=0.0,
         poisson_nll=0.0,
-        patterns=scan.n_positions,
         seconds=1.0,
-        traces=1,
+        stage="given",
     )
 
 

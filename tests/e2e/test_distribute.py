@@ -1,4 +1,4 @@
-"""Training across devices (tf.distribute) and the compile mode chosen per device.
+"""Training across devices (tf.distribute), and compile=auto as a run records it.
 
 A strategy's devices are fixed when TensorFlow starts, so the data-parallel runs are
 real ``train.py`` processes: two logical CPU devices (``distribute.cpu_devices=2``) for
@@ -11,13 +11,8 @@ from __future__ import annotations
 import json
 import socket
 
-import numpy as np
 import pytest
-import tensorflow as tf
 
-from ptycho.data import normalisation_factor, simulate
-from ptycho.hardware import resolve_compile
-from ptycho.model import ModelConfig, build_model, compile_model
 from tests.conftest import run_script, start_script
 
 SMOKE = ["train.py", "debug=smoke", "compile=graph", "data.test_positions=16"]
@@ -123,43 +118,6 @@ def test_jit_over_cpu_replicas_is_refused_before_training(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "compile=graph" in lines[0] and "compile=auto" in lines[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_jit_stays_on_under_a_strategy():
-    """Keras' jit_compile="auto" means no XLA under tf.distribute; compile=jit sets it
-    explicitly and a training step runs compiled under the strategy's scope."""
-    scan = simulate(n=64, n_positions=16, step=0.125, seed=0)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    with strategy.scope():
-        model, _ = build_model(
-            ModelConfig(n=64, filters=4),
-            probe=scan.probe,
-            norm_factor=normalisation_factor(scan.diffraction),
-        )
-        compile_model(model, "jit")
-    assert model.jit_compile is True
-    assert model.distribute_strategy is strategy
-    inputs = {
-        "diffraction": np.ones((4, 64, 64, 4), np.float32),
-        "offsets": np.zeros((4, 4, 2), np.float32),
-    }
-    history = model.fit(inputs, {"amplitude": inputs["diffraction"]}, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
-
-
-@pytest.mark.parametrize(
-    ("mode", "backend", "gpu", "expected"),
-    [
-        ("auto", "xla", False, {"train": "graph", "reconstruct": "graph", "refine": "jit"}),
-        ("auto", "xla", True, {"train": "jit", "reconstruct": "jit", "refine": "jit"}),
-        ("auto", "legacy", False, {"train": "graph", "reconstruct": "graph", "refine": "graph"}),
-        ("auto", "legacy", True, {"train": "graph", "reconstruct": "graph", "refine": "graph"}),
-        ("jit", "xla", False, {"train": "jit", "reconstruct": "jit", "refine": "jit"}),
-        ("graph", "xla", True, {"train": "graph", "reconstruct": "graph", "refine": "graph"}),
-    ],
-)
-def test_compile_auto_picks_per_device_and_stage(mode, backend, gpu, expected):
-    assert resolve_compile(mode, backend, gpu=gpu) == expected
 
 
 @pytest.mark.slow

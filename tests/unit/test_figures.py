@@ -1,6 +1,6 @@
-"""Comparison figures (ptycho/figures.py): the error images after the metrics' own
-alignment, colour scales, the PNG grid with and without ground truth, and the
-TensorBoard images of a run without ground truth."""
+"""Comparison figures (ptycho/figures.py, ptycho/scoring.py): the error images after the
+metrics' own alignment, colour scales, the PNG grid with and without ground truth. The
+TensorBoard images of whole runs: tests/app/test_app.py."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import pytest
 import scipy.ndimage
 from matplotlib.image import imread
 
-from ptycho import app, figures, metrics
-from ptycho.data import load_scan
-from tests.conftest import compose_config as make_config
-from tests.test_app import image_shapes, user_scan
+from ptycho import figures, metrics
+from ptycho.scoring import compare_to_truth
 
 
 def textured(shape=(96, 96), seed=0) -> np.ndarray:
@@ -26,14 +24,14 @@ def test_errors_vanish_after_the_ambiguities_the_metrics_remove():
     truth = textured()
     region = (slice(8, 88), slice(8, 88))
     seen = 1.7 * truth * np.exp(0.9j)  # another scale and phase offset: not errors
-    comparison = figures.compare_to_truth(truth, seen, region)
+    comparison = compare_to_truth(truth, seen, region)
     assert np.abs(comparison["amplitude_error"]).max() < 1e-6
     assert np.abs(comparison["phase_error"]).max() < 1e-6
     assert comparison["amplitude_truth"].shape == (80, 80)
 
     bumped = truth.copy()
     bumped[40:44, 50:54] *= 1.5  # a real amplitude error
-    comparison = figures.compare_to_truth(truth, bumped, region)
+    comparison = compare_to_truth(truth, bumped, region)
     error = comparison["amplitude_error"]
     inside = error[32:36, 42:46]
     assert inside.min() > 0.1 and np.abs(np.delete(error, np.s_[30:38], axis=0)).max() < 0.05
@@ -65,7 +63,7 @@ def test_reconstruction_png_is_a_grid_with_truth_and_a_row_without(tmp_path):
     truth = textured()
     region = (slice(8, 88), slice(8, 88))
     mask = np.ones(truth.shape, bool)
-    comparison = figures.compare_to_truth(truth, truth * 0.9, region)
+    comparison = compare_to_truth(truth, truth * 0.9, region)
     values = {"amp_ssim": 0.91, "r_factor": 0.1}
     figures.save_reconstruction_png(
         truth, mask, tmp_path / "grid.png", values=values, comparison=comparison
@@ -78,16 +76,3 @@ def test_reconstruction_png_is_a_grid_with_truth_and_a_row_without(tmp_path):
     assert row.shape[0] / row.shape[1] < 0.4  # one row of three
     figures.save_frc_png(comparison, tmp_path / "frc.png")
     assert imread(tmp_path / "frc.png").shape[0] > 100
-
-
-@pytest.mark.slow
-def test_without_ground_truth_tensorboard_shows_coverage_and_diffraction(tmp_path):
-    path = user_scan(tmp_path, "blind.npz", drop=("objectGuess",))
-    overrides = ["debug=smoke", "compile=graph", "data=npz", f"data.path={path}"]
-    app.train(make_config(overrides=[*overrides, "train.epochs=2"]), tmp_path / "run")
-    shapes = image_shapes(tmp_path / "run")
-    scan = load_scan(path)
-    reconstruction = np.load(tmp_path / "run" / "reconstruction.npz")
-    assert shapes["test/coverage"] == [(*reconstruction["obj"].shape, 1)]
-    assert shapes["test/diffraction"] == [(2 * scan.n, 3 * scan.n + 4, 1)]
-    assert not any(tag.endswith(("_error", "_truth", "frc")) for tag in shapes)

@@ -1,11 +1,10 @@
-"""Physics refinement (ptycho/refine.py): the loss against a numpy forward model, its
-gradients against finite differences, fixed points and recovery on small simulations,
-refusals, and the application's outputs."""
+"""Physics refinement, the solver (ptycho/refine.py): the loss against a numpy forward
+model, its gradients against finite differences, fixed points and recovery on small
+simulations, refusals. The stage in the applications: tests/app/test_refine_app.py."""
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 
@@ -14,15 +13,12 @@ import pytest
 import scipy.ndimage
 import tensorflow as tf
 
-from ptycho import app, metrics
-from ptycho.config import RefineOptions
+from ptycho import metrics
 from ptycho.data import simulate
-from ptycho.errors import ConfigError
-from ptycho.inference import scan_region
 from ptycho.progress import Progress
-from ptycho.refine import Refiner
+from ptycho.refine import RefineOptions, Refiner
+from ptycho.scoring import scan_region
 from ptycho.stitch import stitch_patches
-from tests.conftest import compose_config as make_config
 
 N = 32
 
@@ -54,7 +50,7 @@ def amp_ssim(scan, obj) -> float:
 
 def numpy_loss(refiner: Refiner, index: np.ndarray) -> float:
     """The truncated Poisson loss of positions ``index``, from bilinear patches cut with
-    scipy and the unitary numpy FFT (DESIGN.md section 3)."""
+    scipy and the unitary numpy FFT (docs/design.md, section 3)."""
     canvas = refiner.canvas.numpy().astype(np.float64)
     obj = canvas[..., 0] + 1j * canvas[..., 1]
     probe = refiner.probe.numpy().astype(np.float64)
@@ -194,71 +190,6 @@ def test_the_legacy_warp_refines_objects_as_the_xla_warp_does_and_refuses_positi
     assert np.abs(xla.obj - legacy.obj).max() < 1e-3
     with pytest.raises(ValueError, match="use translate=xla"):
         Refiner(scan, options(mode="positions"), backend="legacy", compile_mode="graph")
-
-
-# --------------------------------------------------------------------------------------
-# The applications
-# --------------------------------------------------------------------------------------
-
-
-def test_infer_without_a_checkpoint_is_an_iterative_reconstruction(tmp_path):
-    from tests.test_app import scalar_tags
-
-    cfg = make_config(
-        "infer",
-        [
-            "data=grf",
-            "data.test_positions=49",
-            "data.position_error=1.0",
-            "refine=positions",
-            "refine.iterations=4",
-            "refine.eval_every=2",
-            "refine.batch_size=16",
-        ],
-    )
-    summary = app.infer(cfg, tmp_path)
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["refine_iterations"] == 4 and written["refine_seconds"] > 0
-    assert written["seconds"] >= written["refine_seconds"]
-    assert written["checkpoint"] is None
-    for key in ("amp_ssim", "r_factor", "position_rmse"):
-        assert (
-            math.isfinite(written[f"refined_{key}"]) and written[key] == written[f"refined_{key}"]
-        )
-    assert summary == written
-    saved = np.load(tmp_path / "reconstruction.npz")
-    assert saved["xcoords"].shape == saved["ycoords"].shape == (49,)
-    assert saved["probe"].shape == (64, 64) and saved["probe"].dtype == np.complex64
-    assert (tmp_path / "refine.png").is_file()
-    tags = scalar_tags(tmp_path)
-    for tag in ("refine/loss", "refine/r_factor", "refine/amp_ssim", "refine/position_rmse"):
-        assert len(tags[tag]) == 3, tag  # iterations 0, 2, 4
-
-
-def test_train_keeps_the_networks_figures_beside_the_refined_ones(tmp_path):
-    cfg = make_config(overrides=["debug=smoke", "refine=object", "refine.iterations=2"])
-    summary = app.train(cfg, tmp_path)
-    assert summary["amp_ssim"] != summary["refined_amp_ssim"]
-    assert summary["refine_iterations"] == 2
-    saved = np.load(tmp_path / "reconstruction.npz")
-    assert "probe" in saved and saved["xcoords"].shape == (36,)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "match"),
-    [
-        (["translate=legacy", "compile=graph", "refine=positions"], "use translate=xla"),
-        (["translate=legacy", "compile=graph", "refine=full"], "use translate=xla"),
-        (["refine=object", "refine.iterations=0"], "refine.iterations=0: must be >= 1"),
-        (["refine=object", "refine.loss=gauss"], "refine.loss=gauss: one of poisson"),
-    ],
-)
-def test_impossible_refinements_are_refused_before_any_work(tmp_path, overrides, match):
-    for name in ("train", "infer"):
-        cfg = make_config(name, ["data=grf", *overrides])
-        with pytest.raises(ConfigError, match=match):
-            getattr(app, name)(cfg, tmp_path)
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_patches_reaching_beyond_the_frame_are_refined_too():

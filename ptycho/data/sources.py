@@ -1,0 +1,159 @@
+"""Where a run's scans come from: the ``data`` section and the scans it gives.
+
+Simulated scans (the embedded default: a training scan and a test scan of a different
+object) or files (``.npz``, ``.h5``/``.hdf5``, ``.cxi``; an optional separate test scan and
+a probe taken from another file). The section also says how positions are grouped into
+the network's samples, for training and reconstruction alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+from ptycho.data.grouping import Grouping, group_positions
+from ptycho.data.io import load_scan
+from ptycho.data.scan import Scan
+from ptycho.data.simulate import SimulationSpec, simulate
+from ptycho.errors import DataError, require
+
+__all__ = ["DataOptions", "DataSource", "Scans", "load_scans", "load_test_scan"]
+
+log = logging.getLogger(__name__)
+
+
+class DataSource(StrEnum):
+    simulate = "simulate"
+    file = "file"
+
+
+@dataclass
+class DataOptions(SimulationSpec):
+    """The ``data`` section. With ``source=simulate`` the :class:`SimulationSpec` fields
+    describe the training scan, and ``test_*`` what differs for the test scan."""
+
+    source: DataSource = DataSource.simulate
+    """``simulate`` (the spec's fields) or ``file`` (``path``)."""
+    path: str | None = None
+    """Scan file (``.npz`` with PtychoPINN's keys, ``.h5``/``.hdf5``, ``.cxi``)."""
+    test_path: str | None = None
+    """A separate scan to reconstruct and score; default: the training scan."""
+    probe_path: str | None = None
+    """A file whose probe (``probeGuess``) replaces the scan's, or supplies a missing one."""
+    n: int | None = None
+    """Pattern size of simulated scans; null: the model's (``model.n`` in train.py, the
+    checkpoint's in infer.py, 64 without one)."""
+    test_positions: int = 1600
+    """Positions of the simulated test scan."""
+    test_images: list[str] = field(default_factory=lambda: ["coins", "text"])
+    """Images of the simulated test object (``object_kind=image``)."""
+    test_seed: int | None = 1
+    """Seed of the simulated test scan (a different object); null: the test scan is the
+    training scan itself (trained on and reconstructed, as with one measured scan)."""
+    grouping: Grouping = Grouping.auto
+    """How positions become the C channels of a sample: ``block`` (g x g raster blocks),
+    ``nearest`` (angle-ordered nearest neighbours, any scan) or ``auto``."""
+    n_groups: int | None = None
+    """Keep this many training groups (random, seeded by ``seed``); null: all."""
+
+    def check(self) -> None:
+        """``ValueError`` naming the first field out of range or file that is missing."""
+        files = self.source == DataSource.file
+        require(
+            [
+                (
+                    not files or bool(self.path),
+                    "path is required for a file scan: data=npz data.path=scan.npz",
+                ),
+                *(
+                    (
+                        not getattr(self, name) or Path(getattr(self, name)).is_file(),
+                        f"{name}={getattr(self, name)}: no such file",
+                    )
+                    for name in ("path", "test_path", "probe_path")
+                ),
+                (self.n_groups is None or self.n_groups >= 1, "n_groups: must be >= 1 or null"),
+            ]
+        )
+        if not files:
+            replace(self.simulation(self.n or 64), n_positions=self.test_positions).check()
+
+    def simulation(self, n: int, *, test: bool = False) -> SimulationSpec:
+        """The spec of the simulated training (or test) scan at pattern size ``n``."""
+        spec = SimulationSpec(**{f.name: getattr(self, f.name) for f in fields(SimulationSpec)})
+        spec = replace(spec, n=n)
+        if test and self.test_seed is not None:
+            spec = replace(
+                spec,
+                n_positions=self.test_positions,
+                images=list(self.test_images),
+                seed=self.test_seed,
+            )
+        return spec
+
+    def groups(self, scan: Scan, gridsize: int) -> np.ndarray:
+        """The training samples of ``scan``: (G, C) groups of its positions."""
+        try:
+            groups = group_positions(
+                scan.xcoords,
+                scan.ycoords,
+                gridsize,
+                method=self.grouping,
+                n_groups=self.n_groups,
+                seed=self.seed,
+            )
+        except ValueError as error:
+            raise DataError(f"data.grouping={self.grouping}: {error}") from error
+        log.info(
+            "data.grouping=%s: %d groups of %d positions", self.grouping, len(groups), gridsize**2
+        )
+        return groups
+
+
+@dataclass(frozen=True)
+class Scans:
+    """A run's scans: the one to train on and the one to reconstruct and score (the same
+    object when there is no separate test scan)."""
+
+    train: Scan
+    test: Scan
+
+    @property
+    def separate_test(self) -> bool:
+        return self.test is not self.train
+
+
+def load_scans(options: DataOptions, n: int | None = None) -> Scans:
+    """The scans of the ``data`` section for training. Simulated scans have pattern size
+    ``n`` (or ``options.n``, or 64); file scans must have pattern size ``n`` when it is
+    given (:class:`DataError` otherwise, naming the fix)."""
+    if options.source == DataSource.simulate:
+        train = simulate(options.simulation(n or options.n or 64))
+        if options.test_seed is None:  # reconstruct the scan the network is trained on
+            return Scans(train, train)
+        return Scans(train, load_test_scan(options, n))
+    train = _load_file(options, "path", n)
+    return Scans(train, _load_file(options, "test_path", n) if options.test_path else train)
+
+
+def load_test_scan(options: DataOptions, n: int | None = None) -> Scan:
+    """The one scan a reconstruction (``infer.py``) needs: the simulated test scan at
+    pattern size ``n`` (or ``options.n``, or 64), or the file ``data.path`` (whatever its
+    pattern size: the model it meets says whether it fits)."""
+    if options.source == DataSource.simulate:
+        return simulate(options.simulation(n or options.n or 64, test=True))
+    return _load_file(options, "path", None)
+
+
+def _load_file(options: DataOptions, key: str, n: int | None) -> Scan:
+    probe = load_scan(options.probe_path).probe if options.probe_path else None
+    scan = load_scan(getattr(options, key), probe=probe)
+    if n is not None and scan.n != n:
+        raise DataError(
+            f"data.{key}: patterns are {scan.n} x {scan.n} but model.n={n}; pass model.n={scan.n}"
+        )
+    return scan

@@ -1,0 +1,96 @@
+"""The physics refinement as a stage: the solver (:mod:`ptycho.refine`) run from the
+network's reconstruction (or a flat object) with progress on the terminal, ``refine/*``
+scalars in TensorBoard, ``refine.png`` and ground-truth metrics when the scan has them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ptycho import figures
+from ptycho.errors import TrainingDiverged
+from ptycho.progress import Progress
+from ptycho.reconstruction import Reconstruction
+from ptycho.refine import RefineOptions, Refiner, RefineResult
+from ptycho.scoring import Scorer
+from ptycho.stages.evaluate import log_scalars
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    scorer: Scorer,
+    options: RefineOptions,
+    *,
+    start: Reconstruction | None,
+    backend: str,
+    compile_mode: str,
+    writer=None,
+    curves: Path | None = None,
+    stream=None,
+) -> RefineResult:
+    """Refine ``scorer.scan`` from ``start`` (None: a flat object).
+
+    Progress goes to ``stream`` (a bar on a terminal, lines otherwise) and, with a
+    ``writer``, to TensorBoard (``refine/*`` per progress point); ``curves`` gets the
+    PNG of the progress records. The result's ``metrics`` are the last progress
+    point's: R-factor, Poisson NLL, ground truth (when known) and the position error
+    (when the true positions are known). A diverged refinement raises
+    :class:`TrainingDiverged`.
+    """
+    scan = scorer.scan
+    log.info(
+        "refine=%s from %s: %d iterations at most",
+        options.mode,
+        "the network's reconstruction" if start is not None else "a flat object",
+        options.iterations,
+    )
+    refiner = Refiner(
+        scan,
+        options,
+        initial=None if start is None else start.obj,
+        backend=backend,
+        compile_mode=compile_mode,
+    )
+    progress = Progress(options.iterations, f"refine={options.mode}", stream=stream)
+
+    def on_record(record: dict) -> None:
+        progress.update(record["iteration"], _progress_text(record))
+        if writer is not None:
+            values = {k: v for k, v in record.items() if k != "iteration"}
+            log_scalars(writer, "refine", values, record["iteration"])
+
+    try:
+        result = refiner.run(
+            score=scorer.truth if scorer.has_truth else None,
+            true_positions=scan.metadata.get("true_positions"),
+            on_record=on_record,
+        )
+    except FloatingPointError as error:
+        raise TrainingDiverged(str(error)) from error
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.flush()
+    final = result.history[-1]
+    result.metrics = {
+        "r_factor": final["r_factor"],
+        "poisson_nll": final["poisson_nll"],
+        **{k: v for k, v in final.items() if k not in ("iteration", "seconds", "loss")},
+    }
+    if curves is not None:
+        figures.save_curves(result.history, curves, title=f"refine={options.mode}")
+    return result
+
+
+def _progress_text(record: dict) -> str:
+    parts = [f"{record['seconds']:.1f} s", f"R {record['r_factor']:.4f}"]
+    for key, label in (("amp_ssim", "amp SSIM"), ("phase_ssim", "phase SSIM")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.3f}")
+    if "position_rmse" in record:
+        parts.append(f"position error {record['position_rmse']:.2f} px")
+    return ", ".join(parts)

@@ -1,0 +1,72 @@
+"""Physics refinement as a stage of the applications: ``infer.py`` without a checkpoint,
+``train.py`` with ``refine=``, their outputs and refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ptycho import app
+from ptycho.errors import ConfigError
+from tests.app.test_app import scalar_tags
+from tests.conftest import compose_config as make_config
+
+
+def test_infer_without_a_checkpoint_is_an_iterative_reconstruction(tmp_path):
+    cfg = make_config(
+        "infer",
+        [
+            "data=grf",
+            "data.test_positions=49",
+            "data.position_error=1.0",
+            "refine=positions",
+            "refine.iterations=4",
+            "refine.eval_every=2",
+            "refine.batch_size=16",
+        ],
+    )
+    summary = app.infer(cfg, tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["refine_iterations"] == 4 and written["refine_seconds"] > 0
+    assert written["seconds"] >= written["refine_seconds"]
+    assert written["checkpoint"] is None
+    for key in ("amp_ssim", "r_factor", "position_rmse"):
+        assert (
+            math.isfinite(written[f"refined_{key}"]) and written[key] == written[f"refined_{key}"]
+        )
+    assert summary == written
+    saved = np.load(tmp_path / "reconstruction.npz")
+    assert saved["xcoords"].shape == saved["ycoords"].shape == (49,)
+    assert saved["probe"].shape == (64, 64) and saved["probe"].dtype == np.complex64
+    assert (tmp_path / "refine.png").is_file()
+    tags = scalar_tags(tmp_path)
+    for tag in ("refine/loss", "refine/r_factor", "refine/amp_ssim", "refine/position_rmse"):
+        assert len(tags[tag]) == 3, tag  # iterations 0, 2, 4
+
+
+def test_train_keeps_the_networks_figures_beside_the_refined_ones(tmp_path):
+    cfg = make_config(overrides=["debug=smoke", "refine=object", "refine.iterations=2"])
+    summary = app.train(cfg, tmp_path)
+    assert summary["amp_ssim"] != summary["refined_amp_ssim"]
+    assert summary["refine_iterations"] == 2
+    saved = np.load(tmp_path / "reconstruction.npz")
+    assert "probe" in saved and saved["xcoords"].shape == (36,)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["translate=legacy", "compile=graph", "refine=positions"], "use translate=xla"),
+        (["translate=legacy", "compile=graph", "refine=full"], "use translate=xla"),
+        (["refine=object", "refine.iterations=0"], "refine.iterations=0: must be >= 1"),
+    ],
+)
+def test_impossible_refinements_are_refused_before_any_work(tmp_path, overrides, match):
+    for name in ("train", "infer"):
+        cfg = make_config(name, ["data=grf", *overrides])
+        with pytest.raises(ConfigError, match=match):
+            getattr(app, name)(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -165,10 +165,10 @@ def main(argv=None) -> int:
 
     from ptycho.cli import initialise_devices
     from ptycho.data import normalisation_factor, save_scan, simulate
-    from ptycho.inference import scan_region
     from ptycho.metrics import compare
     from ptycho.model import ModelConfig, build_model
     from ptycho.outputs import save_model
+    from ptycho.scoring import scan_region
 
     initialise_devices()  # TensorFlow's start-up notices filtered, as in the entry points
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -47,10 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from ptycho.config import RefineOptions  # noqa: E402
 from ptycho.data import simulate  # noqa: E402
-from ptycho.inference import scan_region, truth_metrics  # noqa: E402
-from ptycho.refine import Refiner  # noqa: E402
+from ptycho.refine import RefineOptions, Refiner  # noqa: E402
+from ptycho.scoring import Scorer  # noqa: E402
 
 POSITIONS = 1087
 THRESHOLD = 0.98
@@ -79,10 +78,10 @@ def with_position_errors(scan, rms: float = 1.0, seed: int = 5):
 
 
 def scorer(scan):
-    region = scan_region(scan)
+    truth = Scorer(scan).truth
 
     def score(obj):
-        values = truth_metrics(scan, obj, region=region)
+        values = truth(obj)
         return {"amp_ssim": values["amp_ssim"], "phase_ssim": values.get("phase_ssim", math.nan)}
 
     return score

@@ -1,31 +1,72 @@
-"""Render a benchmark's ``--json`` lines as a Markdown table: ``python benchmarks/table.py FILE``.
+"""Benchmark results (``--json`` lines) as Markdown tables, and the tables of
+docs/benchmarks.md rebuilt from them.
 
-Rows are the non-throughput fields, columns the configurations (``backend+compile``
-or ``translate+compile``), cells the throughput field.
+    python benchmarks/table.py benchmarks/results/warp_cpu.jsonl --pivot   # one file
+    python benchmarks/table.py --docs            # rewrite the tables in docs/benchmarks.md
+    python benchmarks/table.py --docs --check    # exit 1 if they are stale
+
+In docs/benchmarks.md a table is the text between a marker line
+``<!-- table FILE [pivot] [columns=a,b] [where=key:value ...] -->`` and the next
+``<!-- end table -->``; the prose around it is written by hand. ``pivot`` puts the
+configurations (``translate+compile``) in columns with the throughput in the cells and a
+ratio column; otherwise every record is a row (``columns`` chooses and orders the
+fields, ``where`` keeps records whose field has that value).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
 RATE_FIELDS = ("images_per_s", "samples_per_s", "patterns_per_s")
+MARKER = re.compile(r"^<!-- table (?P<spec>.+?) -->$")
+END = "<!-- end table -->"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="file of JSON lines, '-' for stdin")
-    parser.add_argument(
-        "--ratio",
-        nargs=2,
-        metavar=("NUM", "DEN"),
-        default=("xla+jit", "legacy+graph"),
-        help="columns to divide",
-    )
-    args = parser.parse_args(argv)
-    lines = sys.stdin if args.path == "-" else open(args.path)  # noqa: SIM115
-    records = [json.loads(line) for line in lines if line.startswith("{")]
+def read_records(path: Path) -> list[dict]:
+    return [
+        json.loads(line) for line in Path(path).read_text().splitlines() if line.startswith("{")
+    ]
+
+
+def cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return ""
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10000 else str(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def flat_table(records: list[dict], columns: list[str] | None = None) -> list[str]:
+    """Every record a row; ``columns`` (default: every field but ``curve``) in order."""
+    if columns is None:
+        columns = []
+        for record in records:
+            columns += [key for key in record if key not in columns and key != "curve"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for record in records:
+        lines.append("| " + " | ".join(cell(record.get(key)) for key in columns) + " |")
+    return lines
+
+
+def pivot_table(records: list[dict], ratio=("xla+jit", "legacy+graph")) -> list[str]:
+    """Configurations (``backend``/``translate`` + ``compile``) as columns, the throughput
+    field in the cells, and ``ratio[0] / ratio[1]``."""
     rate = next(f for f in RATE_FIELDS if f in records[0])
     skip = {rate, "backend", "translate", "compile", "median_ms", "step_ms_median"}
     rows, columns = {}, []
@@ -38,15 +79,79 @@ def main(argv=None) -> int:
         if column not in columns:
             columns.append(column)
     fields = [k for k, _ in next(iter(rows))]
-    num, den = args.ratio
-    print("| " + " | ".join(fields + columns + [f"{num} / {den}"]) + " |")
-    print("|" + "---|" * (len(fields) + len(columns) + 1))
+    num, den = ratio
+    lines = [
+        "| " + " | ".join(fields + columns + [f"{num} / {den}"]) + " |",
+        "|" + " --- |" * (len(fields) + len(columns) + 1),
+    ]
     for key, cells in rows.items():
-        ratio = cells[num] / cells[den] if num in cells and den in cells else None
+        value = cells[num] / cells[den] if num in cells and den in cells else None
         values = [str(v) for _, v in key] + [
             f"{cells[c]:,.0f}" if c in cells else "" for c in columns
         ]
-        print("| " + " | ".join(values + [f"{ratio:.2f}x" if ratio else ""]) + " |")
+        lines.append("| " + " | ".join(values + [f"{value:.2f}x" if value else ""]) + " |")
+    return lines
+
+
+def table(spec: str) -> list[str]:
+    """The table a marker's ``spec`` names (module docstring)."""
+    words = spec.split()
+    records = read_records(ROOT / words[0])
+    columns, pivot = None, False
+    for word in words[1:]:
+        if word == "pivot":
+            pivot = True
+        elif word.startswith("columns="):
+            columns = word.removeprefix("columns=").split(",")
+        elif word.startswith("where="):
+            key, value = word.removeprefix("where=").split(":", 1)
+            records = [r for r in records if str(r.get(key)) == value]
+        else:
+            raise ValueError(f"unknown table option {word!r} in {spec!r}")
+    if not records:
+        raise ValueError(f"no records for {spec!r}")
+    return pivot_table(records) if pivot else flat_table(records, columns)
+
+
+def render_doc(text: str) -> str:
+    """``text`` with every marked table rebuilt from its results file."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if inside:
+            inside = line != END
+            if inside:
+                continue
+        match = MARKER.match(line)
+        out.append(line)
+        if match:
+            out += table(match["spec"])
+            out.append(END)
+            inside = True
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", nargs="?", help="a file of JSON lines, '-' for stdin")
+    parser.add_argument("--pivot", action="store_true", help="configurations as columns")
+    parser.add_argument("--docs", action="store_true", help="rebuild docs/benchmarks.md")
+    parser.add_argument("--check", action="store_true", help="with --docs: exit 1 if stale")
+    args = parser.parse_args(argv)
+    if args.docs:
+        current = DOC.read_text()
+        rendered = render_doc(current)
+        if args.check:
+            if rendered != current:
+                print(f"{DOC} is stale: run python benchmarks/table.py --docs", file=sys.stderr)
+                return 1
+            return 0
+        DOC.write_text(rendered)
+        return 0
+    if args.path == "-":
+        records = [json.loads(line) for line in sys.stdin if line.startswith("{")]
+    else:
+        records = read_records(Path(args.path))
+    print("\n".join(pivot_table(records) if args.pivot else flat_table(records)))
     return 0
 
 

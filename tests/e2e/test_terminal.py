@@ -12,7 +12,7 @@ import pytest
 
 from ptycho.quiet import is_notice, native_notices_filtered
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 START = "import ptycho; from ptycho.cli import initialise_devices; initialise_devices()"
 NOTICES = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",

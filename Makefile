@@ -1,12 +1,13 @@
-# Two entry points: `make train` and `make test`. Both create .venv from pyproject.toml
-# on first use (and again when pyproject.toml changes); nothing is installed by hand.
+# Two entry points: `make train` and `make test` (CI: .ci/run). Both create .venv from
+# pyproject.toml on first use (and again when pyproject.toml changes); nothing is
+# installed by hand.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train infer test lint format bench clean
+.PHONY: train infer test test-quick docs lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,14 @@ infer: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: $(VENV)/.installed-test  # while developing: no end-to-end runs marked slow
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+docs: $(VENV)/.installed  # regenerate docs/configuration.md and the tables of docs/benchmarks.md
+	$(BIN)/python docs/generate.py
+	$(BIN)/python benchmarks/table.py --docs
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -94,7 +94,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
             out_dir=out_dir,
         )
         if not distribution.chief:  # the chief reconstructs and writes the run's files
-            return _worker_done(distribution, fitted, out_dir)
+            return _worker_done(distribution, fitted, out_dir, writer)
         reconstructed = time.perf_counter()
         network = evaluation(fitted.model, step=fitted.epochs, final=True)
         save_model(fitted.model, run_dir / "model.keras")  # before refining: kept if it fails
@@ -230,7 +230,9 @@ def _log_run(writer, config: TrainConfig, run_name: str) -> None:
         hp.hparams(hparams, trial_id=run_name)
 
 
-def _worker_done(distribution: Distribution, fitted: fit.Fitted, out_dir: Path) -> dict:
+def _worker_done(distribution: Distribution, fitted: fit.Fitted, out_dir: Path, writer) -> dict:
+    """A worker's end: its temporary folder (TensorBoard, checkpoints) removed."""
+    writer.close()
     shutil.rmtree(out_dir, ignore_errors=True)
     log.info("worker %d: training done (%d epochs)", distribution.worker, fitted.epochs)
     return {"epochs": fitted.epochs, "worker": distribution.worker}

@@ -17,8 +17,13 @@ import os
 import sys
 from pathlib import Path
 
+import tensorflow as tf
+
+from ptycho import app
 from ptycho.config import register_configs, renamed_key_hint, rollback_overrides, typed
+from ptycho.distribute import make_distribution
 from ptycho.errors import ConfigError, Interrupted
+from ptycho.quiet import native_notices_filtered
 
 __all__ = ["CONF", "initialise_devices", "main", "precheck", "run_job"]
 
@@ -55,8 +60,6 @@ def _job(cfg, name: str) -> None:
     """One Hydra job: the typed configuration, the devices (and for training the
     distribution), the application in the job's run folder."""
     from hydra.core.hydra_config import HydraConfig
-
-    from ptycho import app
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
@@ -117,16 +120,8 @@ def initialise_devices(options=None):
     are initialised) and the distribution made right after (a multi-worker strategy sets
     up its collectives before any other work); it is returned, else None.
     """
-    from ptycho.quiet import native_notices_filtered
-
     with native_notices_filtered():
-        import tensorflow as tf
-
-        distribution = None
-        if options is not None:
-            from ptycho.distribute import make_distribution
-
-            distribution = make_distribution(options)
+        distribution = None if options is None else make_distribution(options)
         tf.config.list_logical_devices()
     return distribution
 

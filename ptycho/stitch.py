@@ -131,8 +131,8 @@ def place_patches(patches, fractions, weight, backend: str = "xla"):
     imaginary parts times the weight, and the weight, shifted into place (a window's
     corner is the integer part of the patch's top-left corner). One real tensor rather
     than a complex one and the weights: slicing the warped channels apart into those
-    two outputs measured 4x slower under XLA on the CPU (20 ms against 5 ms for 256
-    patches of 64 x 64).
+    two outputs made the XLA function several times slower on the CPU
+    (``benchmarks/infer.py``, docs/benchmarks.md).
     """
     padded = tf.pad(patches, [[0, 0], [0, 1], [0, 1]])
     return translate(weighted_channels(padded, weight), fractions, backend=backend)

@@ -1,11 +1,11 @@
 """Benchmark results (``--json`` lines) as Markdown tables, and the tables of
-docs/benchmarks.md rebuilt from them.
+docs/benchmarks.md and README.md rebuilt from them.
 
     python benchmarks/table.py benchmarks/results/warp_cpu.jsonl --pivot   # one file
-    python benchmarks/table.py --docs            # rewrite the tables in docs/benchmarks.md
+    python benchmarks/table.py --docs            # rewrite the tables in those documents
     python benchmarks/table.py --docs --check    # exit 1 if they are stale
 
-In docs/benchmarks.md a table is the text between a marker line
+In those documents a table is the text between a marker line
 ``<!-- table FILE [pivot] [columns=a,b] [where=key:value ...] -->`` and the next
 ``<!-- end table -->``; the prose around it is written by hand. ``pivot`` puts the
 configurations (``translate+compile``) in columns with the throughput in the cells and a
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
+DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
 RATE_FIELDS = ("images_per_s", "samples_per_s", "patterns_per_s")
 MARKER = re.compile(r"^<!-- table (?P<spec>.+?) -->$")
 END = "<!-- end table -->"
@@ -44,7 +44,7 @@ def cell(value) -> str:
             return ""
         if abs(value) >= 100:
             return f"{value:,.0f}"
-        return f"{value:.3g}" if abs(value) < 1 else f"{value:.4g}"
+        return f"{value:.4g}"
     if isinstance(value, int):
         return f"{value:,}" if abs(value) >= 10000 else str(value)
     if isinstance(value, dict | list):
@@ -117,10 +117,9 @@ def render_doc(text: str) -> str:
     """``text`` with every marked table rebuilt from its results file."""
     out, inside = [], False
     for line in text.splitlines():
-        if inside:
+        if inside:  # the old table and its end marker: replaced
             inside = line != END
-            if inside:
-                continue
+            continue
         match = MARKER.match(line)
         out.append(line)
         if match:
@@ -134,18 +133,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", help="a file of JSON lines, '-' for stdin")
     parser.add_argument("--pivot", action="store_true", help="configurations as columns")
-    parser.add_argument("--docs", action="store_true", help="rebuild docs/benchmarks.md")
+    parser.add_argument("--docs", action="store_true", help="rebuild the documents' tables")
     parser.add_argument("--check", action="store_true", help="with --docs: exit 1 if stale")
     args = parser.parse_args(argv)
     if args.docs:
-        current = DOC.read_text()
-        rendered = render_doc(current)
-        if args.check:
+        stale = []
+        for doc in DOCS:
+            current = doc.read_text()
+            rendered = render_doc(current)
             if rendered != current:
-                print(f"{DOC} is stale: run python benchmarks/table.py --docs", file=sys.stderr)
-                return 1
-            return 0
-        DOC.write_text(rendered)
+                stale.append(doc)
+                if not args.check:
+                    doc.write_text(rendered)
+        if args.check and stale:
+            names = ", ".join(str(doc) for doc in stale)
+            print(f"{names} stale: run python benchmarks/table.py --docs", file=sys.stderr)
+            return 1
         return 0
     if args.path == "-":
         records = [json.loads(line) for line in sys.stdin if line.startswith("{")]

@@ -22,7 +22,14 @@ import keras
 import tensorflow as tf
 
 from ptycho import __version__, checkpoints
-from ptycho.config import InferConfig, TrainConfig, check_batches, check_infer, check_train
+from ptycho.config import (
+    InferConfig,
+    RunConfig,
+    TrainConfig,
+    check_batches,
+    check_infer,
+    check_train,
+)
 from ptycho.data import DataSource, Scans, load_scans, load_test_scan, save_scan
 from ptycho.distribute import Distribution, make_distribution
 from ptycho.errors import DataError
@@ -179,7 +186,7 @@ def _writer(folder: Path):
 
 
 def _evaluation(
-    config: TrainConfig | InferConfig,
+    config: RunConfig,
     scorer: Scorer,
     stages: CompileStages,
     writer=None,
@@ -239,7 +246,7 @@ def _worker_done(distribution: Distribution, fitted: fit.Fitted, out_dir: Path, 
 
 
 def _refine(
-    config: TrainConfig | InferConfig,
+    config: RunConfig,
     scorer: Scorer,
     network: NetworkReconstruction | None,
     compile_mode: str,
@@ -287,7 +294,7 @@ def _speed(summary: dict) -> dict:
     return {key: summary[key] for key in ("samples_per_s", "steps_per_s")}
 
 
-def _run_summary(config: TrainConfig | InferConfig, stages: CompileStages) -> dict:
+def _run_summary(config: RunConfig, stages: CompileStages) -> dict:
     return {
         "translate": config.translate.backend,
         "compile": config.compile.mode,
@@ -296,5 +303,5 @@ def _run_summary(config: TrainConfig | InferConfig, stages: CompileStages) -> di
     }
 
 
-def _label(config: TrainConfig | InferConfig, result: Reconstruction) -> str:
+def _label(config: RunConfig, result: Reconstruction) -> str:
     return f"translate={config.translate.backend} compile={config.compile.mode} {result.stage}"

@@ -47,6 +47,7 @@ __all__ = [
     "RENAMED",
     "ConfigError",
     "InferConfig",
+    "RunConfig",
     "TrainConfig",
     "check_batches",
     "check_infer",
@@ -59,38 +60,37 @@ __all__ = [
 
 
 @dataclass
-class TrainConfig:
-    """``python train.py``: train the network, reconstruct the test scan, optionally refine."""
+class RunConfig:
+    """The sections both applications have: the warp, the compile modes, the data, how
+    the network reconstructs a scan, the metrics and the refinement."""
 
     translate: TranslateOptions = field(default_factory=TranslateOptions)
     compile: CompileOptions = field(default_factory=CompileOptions)
     data: DataOptions = field(default_factory=DataOptions)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: FitOptions = field(default_factory=FitOptions)
     reconstruct: ReconstructOptions = field(default_factory=ReconstructOptions)
     metrics: MetricsOptions = field(default_factory=MetricsOptions)
     refine: RefineOptions = field(default_factory=RefineOptions)
-    distribute: DistributeOptions = field(default_factory=DistributeOptions)
-    resume: bool = False
-    """Continue the run in ``hydra.run.dir`` from its ``checkpoints/``."""
     verbose: bool = False
     """Debug logs and TensorFlow's native start-up notices."""
 
 
 @dataclass
-class InferConfig:
+class TrainConfig(RunConfig):
+    """``python train.py``: train the network, reconstruct the test scan, optionally refine."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: FitOptions = field(default_factory=FitOptions)
+    distribute: DistributeOptions = field(default_factory=DistributeOptions)
+    resume: bool = False
+    """Continue the run in ``hydra.run.dir`` from its ``checkpoints/``."""
+
+
+@dataclass
+class InferConfig(RunConfig):
     """``python infer.py``: reconstruct a scan with a trained network and/or refinement."""
 
     checkpoint: str | None = None
     """A ``model.keras`` written by train.py (required unless ``refine`` is on)."""
-    translate: TranslateOptions = field(default_factory=TranslateOptions)
-    compile: CompileOptions = field(default_factory=CompileOptions)
-    data: DataOptions = field(default_factory=DataOptions)
-    reconstruct: ReconstructOptions = field(default_factory=ReconstructOptions)
-    metrics: MetricsOptions = field(default_factory=MetricsOptions)
-    refine: RefineOptions = field(default_factory=RefineOptions)
-    verbose: bool = False
-    """Debug logs and TensorFlow's native start-up notices."""
 
 
 # Keys of earlier versions and where they live now (docs/migrating.md).
@@ -111,7 +111,7 @@ def register_configs() -> None:
     store.store(name="infer_schema", node=InferConfig)
 
 
-def typed(cfg) -> TrainConfig | InferConfig:
+def typed(cfg) -> RunConfig:
     """The composed configuration as its dataclasses (enums for choices), converted once."""
     from omegaconf import OmegaConf
 
@@ -163,7 +163,7 @@ def _check_sections(config, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{name}.{error}") from error
 
 
-def _check_backend(config: TrainConfig | InferConfig) -> None:
+def _check_backend(config: RunConfig) -> None:
     backend = config.translate.backend
     if backend == Backend.legacy and config.compile.mode == "jit":
         raise ConfigError(LEGACY_UNDER_JIT)

@@ -12,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
 from hypothesis import settings
 
 from ptycho.config import register_configs, typed
+from ptycho.data import save_scan, simulate
 
 # Property-based tests draw the same examples on every run and machine: a failure in CI
 # is reproduced by running the test again, and a green run means the same cases passed.
@@ -64,3 +67,25 @@ def start_script(*args, env=None) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Scan files
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_scan(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("scans")
+    return save_scan(simulate(n=64, n_positions=36, step=0.125, seed=0), folder / "good.npz")
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def scan_arrays(path: Path) -> dict:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}

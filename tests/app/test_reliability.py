@@ -17,24 +17,7 @@ from ptycho import app
 from ptycho.data import ScanFileError, load_scan, save_scan, simulate
 from ptycho.errors import ConfigError, DataError
 from tests.conftest import compose_config as make_config
-
-
-@pytest.fixture(scope="module")
-def good_scan(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("scans")
-    return save_scan(simulate(n=64, n_positions=36, step=0.125, seed=0), folder / "good.npz")
-
-
-def write_npz(path: Path, **arrays) -> Path:
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-    return path
-
-
-def scan_arrays(path: Path) -> dict:
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
-
+from tests.conftest import scan_arrays, write_npz
 
 # --------------------------------------------------------------------------------------
 # Bad data files: a clear error naming the file, nothing written

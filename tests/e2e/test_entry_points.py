@@ -14,31 +14,13 @@ import keras
 import numpy as np
 import pytest
 
-from ptycho.data import save_scan, simulate
-from tests.conftest import ROOT, run_script, start_script
+from tests.conftest import ROOT, run_script, scan_arrays, start_script, write_npz
 
 OUTPUTS = ("model.keras", "metrics.json", "reconstruction.npz", "reconstruction.png")
 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
-
-
-@pytest.fixture(scope="module")
-def good_scan(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("scans")
-    return save_scan(simulate(n=64, n_positions=36, step=0.125, seed=0), folder / "good.npz")
-
-
-def write_npz(path: Path, **arrays) -> Path:
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-    return path
-
-
-def scan_arrays(path: Path) -> dict:
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
 
 
 def test_refused_configuration_exits_2_with_one_line():

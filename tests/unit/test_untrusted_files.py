@@ -11,12 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ptycho.data import Scan, ScanFileError, load_scan
-
-
-def write_npz(path, **arrays):
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-    return path
+from tests.conftest import write_npz
 
 
 @settings(

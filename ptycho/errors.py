@@ -4,8 +4,9 @@ the one way an options class checks its values (:func:`require`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from enum import Enum
 
-__all__ = ["ConfigError", "DataError", "Interrupted", "TrainingDiverged", "require"]
+__all__ = ["ConfigError", "DataError", "Interrupted", "TrainingDiverged", "choice", "require"]
 
 
 class ConfigError(ValueError):
@@ -32,3 +33,10 @@ def require(checks: Iterable[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+def choice(name: str, value, choices: type[Enum]) -> tuple[bool, str]:
+    """The rule "``name`` is one of ``choices``" as a :func:`require` pair (a composed
+    configuration has been checked by Hydra already; this serves the library's users)."""
+    allowed = [member.value for member in choices]
+    return value in allowed, f"{name}={value}: must be one of {', '.join(allowed)}"

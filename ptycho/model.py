@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ptycho.errors import require
+from ptycho.errors import choice, require
 from ptycho.hardware import CompileMode, resolve_precision
 from ptycho.layers import (
     WARPING_LAYERS,
@@ -124,6 +124,10 @@ class ModelConfig:
         require(
             [
                 (self.n in PATTERN_SIZES, f"n={self.n}: must be 64, 128 or 256"),
+                choice("amplitude_activation", self.amplitude_activation, AmplitudeActivation),
+                choice("object_support", self.object_support, ObjectSupport),
+                choice("object_output", self.object_output, ObjectOutput),
+                choice("precision", self.precision, Precision),
                 (self.gridsize >= 1, f"gridsize={self.gridsize}: must be >= 1"),
                 (self.filters >= 1, f"filters={self.filters}: must be >= 1"),
                 (

@@ -51,7 +51,7 @@ import numpy as np
 import tensorflow as tf
 
 from ptycho.data.scan import Scan
-from ptycho.errors import require
+from ptycho.errors import choice, require
 from ptycho.hardware import compiled
 from ptycho.reconstruction import Reconstruction
 from ptycho.stitch import illumination, object_shape_for
@@ -130,6 +130,8 @@ class RefineOptions:
         """``ValueError`` naming the first field out of range."""
         require(
             [
+                choice("mode", self.mode, RefineMode),
+                choice("loss", self.loss, RefineLoss),
                 (self.iterations >= 1, f"iterations={self.iterations}: must be >= 1"),
                 (
                     self.max_seconds is None or self.max_seconds > 0,

@@ -138,6 +138,10 @@ def test_library_users_get_the_same_rules_from_the_classes_themselves():
         RefineOptions(mode="object", iterations=0).check()
     with pytest.raises(ValueError, match="n=100: must be 64, 128 or 256"):
         ModelConfig(n=100).check()
+    with pytest.raises(ValueError, match="precision=fp8: must be one of auto, float32, bfloat16"):
+        ModelConfig(precision="fp8").check()
+    with pytest.raises(ValueError, match="loss=gauss: must be one of poisson, amplitude"):
+        RefineOptions(loss="gauss").check()
     with pytest.raises(ValueError, match="nphotons=-1"):
         simulate(n=16, n_positions=4, nphotons=-1)
 

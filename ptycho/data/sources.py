@@ -76,11 +76,15 @@ class DataOptions(SimulationSpec):
                     )
                     for name in ("path", "test_path", "probe_path")
                 ),
-                (self.n_groups is None or self.n_groups >= 1, "n_groups: must be >= 1 or null"),
+                (
+                    self.n_groups is None or self.n_groups >= 1,
+                    f"n_groups={self.n_groups}: must be >= 1 or null",
+                ),
+                (self.test_positions >= 1, f"test_positions={self.test_positions}: must be >= 1"),
             ]
         )
         if not files:
-            replace(self.simulation(self.n or 64), n_positions=self.test_positions).check()
+            self.simulation(self.n or 64).check()
 
     def simulation(self, n: int, *, test: bool = False) -> SimulationSpec:
         """The spec of the simulated training (or test) scan at pattern size ``n``."""

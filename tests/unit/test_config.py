@@ -108,6 +108,8 @@ def test_the_composed_schema_refuses_unknown_keys():
         (["refine=object", "refine.iterations=0"], r"^refine.iterations=0: must be >= 1$"),
         (["refine=object", "refine.momentum=1"], r"^refine.momentum=1.0: must be in \[0, 1\)$"),
         (["data.nphotons=0"], r"^data.nphotons=0.0: must be > 0, or null"),
+        (["data.n_positions=0"], r"^data.n_positions=0: must be >= 1$"),
+        (["data.test_positions=0"], r"^data.test_positions=0: must be >= 1$"),
         (["data.step=-1"], r"^data.step=-1.0: must be > 0"),
         (["data.line_blur=[1,5]", "data.line_blur_weights=[1]"], "one weight >= 0 per"),
         (["data.line_blur=[]"], r"data.line_blur=\[\]: must be one or more blurs"),

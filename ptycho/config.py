@@ -41,7 +41,7 @@ from ptycho.model import ModelConfig
 from ptycho.refine import RefineMode, RefineOptions
 from ptycho.scoring import MetricsOptions
 from ptycho.stages.fit import FitOptions
-from ptycho.warp import LEGACY_UNDER_JIT, Backend, TranslateOptions
+from ptycho.warp import LegacyBackendUnderXLAError, TranslateOptions, check_compilable
 
 __all__ = [
     "RENAMED",
@@ -164,15 +164,14 @@ def _check_sections(config, names: tuple[str, ...]) -> None:
 
 
 def _check_backend(config: RunConfig) -> None:
+    """The warp's rules with the compile mode and the refinement, where they live
+    (:func:`ptycho.warp.check_compilable`, :meth:`ptycho.refine.RefineOptions.check_backend`)."""
     backend = config.translate.backend
-    if backend == Backend.legacy and config.compile.mode == "jit":
-        raise ConfigError(LEGACY_UNDER_JIT)
-    if backend == Backend.legacy and config.refine.refines_positions:
-        raise ConfigError(
-            f"refine={config.refine.mode} moves the scan positions through the warp's offset "
-            "gradient, which translate=legacy does not have: use translate=xla, or "
-            "refine=object"
-        )
+    try:
+        check_compilable(backend, config.compile.mode)
+        config.refine.check_backend(backend)
+    except (LegacyBackendUnderXLAError, ValueError) as error:
+        raise ConfigError(str(error)) from error
 
 
 def check_train(config: TrainConfig) -> None:

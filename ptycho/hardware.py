@@ -28,6 +28,7 @@ __all__ = [
     "native_bfloat16",
     "resolve_compile",
     "resolve_precision",
+    "run_mode",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,11 +137,17 @@ def compiled(function: Callable, mode: str) -> Callable:
     compiled functions have no Python control flow on tensors)."""
     import tensorflow as tf
 
-    if mode == CompileMode.eager:
+    if run_mode(mode) == CompileMode.eager:
         return function
-    if mode not in (CompileMode.graph, CompileMode.jit):
-        raise ValueError(f"compile mode must be jit, graph or eager, got {mode!r}")
     return tf.function(function, jit_compile=mode == CompileMode.jit, autograph=False)
+
+
+def run_mode(mode: str) -> CompileMode:
+    """``mode`` as a mode functions run under (``jit``, ``graph``, ``eager``; ``auto`` is
+    resolved per stage first, :func:`resolve_compile`); ``ValueError`` otherwise."""
+    if mode not in (CompileMode.jit, CompileMode.graph, CompileMode.eager):
+        raise ValueError(f"compile mode must be jit, graph or eager, got {mode!r}")
+    return CompileMode(mode)
 
 
 def compile_hint(compile_mode: str) -> str | None:

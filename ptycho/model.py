@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from ptycho.errors import choice, require
-from ptycho.hardware import CompileMode, resolve_precision
+from ptycho.hardware import CompileMode, resolve_precision, run_mode
 from ptycho.layers import (
     WARPING_LAYERS,
     AmplitudeScale,
@@ -394,8 +394,7 @@ def compile_model(
     count and Adam moments the new optimizer continues from; the learning rate (a number
     or a schedule) is always ``learning_rate``, so a run can resume with another one.
     """
-    if mode not in (CompileMode.jit, CompileMode.graph, CompileMode.eager):
-        raise ValueError(f"compile mode must be jit, graph or eager, got {mode!r}")
+    mode = run_mode(mode)
     for backend in translate_backends(model):
         check_compilable(backend, mode)
     optimizer = keras.optimizers.Adam(learning_rate)

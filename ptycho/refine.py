@@ -55,7 +55,7 @@ from ptycho.errors import choice, require
 from ptycho.hardware import compiled
 from ptycho.reconstruction import Reconstruction
 from ptycho.stitch import illumination, object_shape_for
-from ptycho.warp import check_compilable, translate
+from ptycho.warp import Backend, check_compilable, translate
 
 __all__ = [
     "RefineLoss",
@@ -168,6 +168,20 @@ class RefineOptions:
     def refines_probe(self) -> bool:
         return self.mode == RefineMode.full
 
+    def check_backend(self, backend: str) -> None:
+        """The rule of modes and warps: moving positions needs the offsets' gradient,
+        which the legacy warp does not have (``ValueError`` naming the fix)."""
+        require(
+            [
+                (
+                    backend != Backend.legacy or not self.refines_positions,
+                    f"refine={self.mode} moves the scan positions through the warp's offset "
+                    "gradient, which translate=legacy does not have: use translate=xla, or "
+                    "refine=object",
+                )
+            ]
+        )
+
 
 @dataclass(kw_only=True)
 class RefineResult(Reconstruction):
@@ -242,11 +256,7 @@ class Refiner:
         options.check()
         if options.mode == RefineMode.off:
             raise ValueError("mode=off: nothing to refine")
-        if backend == "legacy" and options.refines_positions:
-            raise ValueError(
-                f"mode={options.mode} needs the offsets' gradient, which translate=legacy "
-                "does not have: use translate=xla"
-            )
+        options.check_backend(backend)
         check_compilable(backend, compile_mode)
         self.scan, self.options, self.backend = scan, options, backend
         n, m = scan.n, scan.n_positions

@@ -84,7 +84,12 @@ class DataOptions(SimulationSpec):
             ]
         )
         if not files:
-            self.simulation(self.n or 64).check()
+            self.simulation(self.pattern_size()).check()
+
+    def pattern_size(self, n: int | None = None) -> int:
+        """N of the simulated scans: ``n`` (the model's) when given, else ``data.n``,
+        else 64."""
+        return n or self.n or 64
 
     def simulation(self, n: int, *, test: bool = False) -> SimulationSpec:
         """The spec of the simulated training (or test) scan at pattern size ``n``."""
@@ -136,7 +141,7 @@ def load_scans(options: DataOptions, n: int | None = None) -> Scans:
     ``n`` (or ``options.n``, or 64); file scans must have pattern size ``n`` when it is
     given (:class:`DataError` otherwise, naming the fix)."""
     if options.source == DataSource.simulate:
-        train = simulate(options.simulation(n or options.n or 64))
+        train = simulate(options.simulation(options.pattern_size(n)))
         if options.test_seed is None:  # reconstruct the scan the network is trained on
             return Scans(train, train)
         return Scans(train, load_test_scan(options, n))
@@ -149,7 +154,7 @@ def load_test_scan(options: DataOptions, n: int | None = None) -> Scan:
     pattern size ``n`` (or ``options.n``, or 64), or the file ``data.path`` (whatever its
     pattern size: the model it meets says whether it fits)."""
     if options.source == DataSource.simulate:
-        return simulate(options.simulation(n or options.n or 64, test=True))
+        return simulate(options.simulation(options.pattern_size(n), test=True))
     return _load_file(options, "path", None)
 
 

@@ -35,6 +35,7 @@ from ptycho.distribute import Distribution, make_distribution
 from ptycho.errors import DataError
 from ptycho.hardware import CompileStages, compile_hint, has_gpu, resolve_compile
 from ptycho.inference import NetworkReconstruction, ScanMismatch, model_geometry
+from ptycho.model import PATTERN_SIZES, ModelConfig
 from ptycho.outputs import save_model
 from ptycho.reconstruction import Reconstruction
 from ptycho.refine import RefineMode, RefineResult
@@ -64,6 +65,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
     started = time.perf_counter()
 
     scans = load_scans(config.data, config.model.n)
+    model_config = _model_config(config, scans, stages.train)
     groups = config.data.groups(scans.train, config.model.gridsize)
     jit_on_cpu = stages.train == "jit" and not has_gpu()
     check_batches(config, len(groups), distribution.replicas, jit_on_cpu)
@@ -71,8 +73,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
         _save_inputs(scans, run_dir)  # the inputs are accepted: keep what was simulated
     out_dir = distribution.output_dir(run_dir)  # the run folder on the chief
     with _writer(out_dir) as writer:
-        _log_run(writer, config, run_dir.name)
-        model_config = config.model.resolved(stages.train)
+        _log_run(writer, config, model_config, run_dir.name)
         scorer = Scorer(scans.test, config.metrics)
         evaluation = _evaluation(config, scorer, stages, writer, model_config.probe_trainable)
         model = fit.build(
@@ -212,7 +213,20 @@ def _save_inputs(scans: Scans, run_dir: Path) -> None:
         save_scan(scans.test, run_dir / "test_scan.npz")
 
 
-def _log_run(writer, config: TrainConfig, run_name: str) -> None:
+def _model_config(config: TrainConfig, scans: Scans, compile_mode: str) -> ModelConfig:
+    """The model section with its precision resolved and N the data's when unset."""
+    n = scans.train.n
+    if config.model.n is None and n not in PATTERN_SIZES:
+        fits = [size for size in PATTERN_SIZES if size <= n]
+        hint = f"data.crop={fits[-1]}" if fits else "frames of at least 64 pixels"
+        raise DataError(
+            f"data.path: the patterns are {n} x {n}; the network takes N = 64, 128 or 256: "
+            f"cut or bin them ({hint}, or model.n)"
+        )
+    return config.model.resolved(compile_mode, n)
+
+
+def _log_run(writer, config: TrainConfig, model: ModelConfig, run_name: str) -> None:
     """The configuration as text and the HParams summary (sweeps compare in one table)."""
     from omegaconf import OmegaConf
     from tensorboard.plugins.hparams import api as hp
@@ -222,9 +236,9 @@ def _log_run(writer, config: TrainConfig, run_name: str) -> None:
         "distribute": str(config.distribute.strategy),
         "translate": str(config.translate.backend),
         "compile": str(config.compile.mode),
-        "n": config.model.n,
-        "gridsize": config.model.gridsize,
-        "filters": config.model.filters,
+        "n": model.n,
+        "gridsize": model.gridsize,
+        "filters": model.filters,
         "learning_rate": config.train.learning_rate,
         "batch_size": config.train.batch_size,
         "epochs": config.train.epochs,

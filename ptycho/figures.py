@@ -106,13 +106,19 @@ def frc_image(frc: dict) -> np.ndarray:
 
 
 def diffraction_image(pairs: list) -> np.ndarray:
-    """Measured (top) and predicted (bottom) amplitudes of a few positions, log scale,
-    one column per position and one shared colour scale per column: (1, H, W, 1)."""
+    """Measured (top) and predicted (middle) amplitudes of a few positions, log scale,
+    one column per position and one shared colour scale per column, and, when the scan
+    has a detector mask, the mask (bottom; white = masked, counted nowhere):
+    (1, H, W, 1). ``pairs``: (measured, predicted[, valid or None]) per position."""
     columns = []
-    for measured, predicted in pairs:
+    for measured, predicted, *rest in pairs:
+        valid = rest[0] if rest else None
         both = np.log10(np.stack([measured, predicted]).astype(np.float64) ** 2 + 1.0)
         high = float(both.max()) or 1.0
-        columns.append(np.concatenate([both[0], both[1]], axis=0) / high)
+        rows = [both[0] / high, both[1] / high]
+        if valid is not None:
+            rows.append((~np.asarray(valid)).astype(np.float64))
+        columns.append(np.concatenate(rows, axis=0))
     gap = np.ones((columns[0].shape[0], 2))
     image = np.concatenate([x for c in columns for x in (c, gap)][:-1], axis=1)
     return np.clip(image, 0, 1).astype(np.float32)[None, ..., None]

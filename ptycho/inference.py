@@ -205,6 +205,11 @@ def reconstruct(
         amplitudes = np.zeros((batch_size, n, n, c), np.float32)
         amplitudes[:size] = np.moveaxis(scan.diffraction[index], 1, -1)
         inputs = {"diffraction": tf.constant(amplitudes)}
+        measured, valid = inputs["diffraction"], None
+        if scan.valid is not None:  # masked pixels marked -1: they count in no sum
+            valid = np.ones((batch_size, n, n, c), bool)
+            valid[:size] = np.moveaxis(scan.valid_pixels(index.reshape(-1)).reshape(size, c, n, n), 1, -1)
+            measured = tf.constant(np.where(valid, amplitudes, -1.0).astype(np.float32))
         if c > 1:
             shifts = np.zeros((batch_size, c, 2), np.float32)
             shifts[:size] = offsets[first : first + batch_size]
@@ -215,7 +220,7 @@ def reconstruct(
         windows, sums = finish(
             outputs["object"],
             outputs["amplitude"],
-            inputs["diffraction"],
+            measured,
             tf.constant(where),
             tf.constant(np.arange(batch_size) < size),
             stitcher.weight,
@@ -225,6 +230,7 @@ def reconstruct(
             (
                 amplitudes[g - first, ..., 0] * float(factor),
                 np.asarray(outputs["amplitude"][g - first, ..., 0]),
+                None if valid is None else valid[g - first, ..., 0],
             )
             for g in shown
             if first <= g < first + size
@@ -234,7 +240,7 @@ def reconstruct(
 
     if overlap is None:
         overlap = has_gpu()
-    totals = np.zeros(3)
+    totals = np.zeros(4)
     pairs = []
     batches = range(0, len(chosen), batch_size)
     for first, count, windows, sums, shown_pairs in _pipelined(predict, batches, overlap):
@@ -243,7 +249,7 @@ def reconstruct(
         patches = slice(first * c, first * c + count)
         stitcher.accumulate(windows, row0[patches], col0[patches], group_size=c)
     obj, mask = stitcher.result()
-    abs_error, measured_sum, nll_sum = totals
+    abs_error, measured_sum, nll_sum, counted = totals
     return NetworkReconstruction(
         obj=obj,
         mask=mask,
@@ -251,7 +257,7 @@ def reconstruct(
         ycoords=np.array(scan.ycoords),
         probe=probe.astype(np.complex64),
         r_factor=abs_error / measured_sum if measured_sum > 0 else math.nan,
-        poisson_nll=nll_sum / (len(chosen) * c * n * n),
+        poisson_nll=nll_sum / counted if counted > 0 else math.nan,
         seconds=time.perf_counter() - start,
         stage="network",
         traces=_tracing_count(predict_fn),
@@ -266,8 +272,9 @@ def _batch_outputs(backend: str):
     amplitudes (B, N, N, C), raw measured amplitudes (B, N, N, C), fractions (B C, 2),
     valid (B,) bool, weight (N + 1, N + 1), factor) -> (windows, sums)``: the
     patches placed for the stitcher (:func:`ptycho.stitch.place_patches`) and the sums
-    of ``| p - a |``, ``a`` and the Poisson NLL of each group, (B, 3), zero for padded
-    rows, with ``a`` = raw * factor."""
+    of ``| p - a |``, ``a``, the Poisson NLL and the pixels counted of each group, (B,
+    4), zero for padded rows, with ``a`` = raw * factor; raw pixels below 0 (masked)
+    count nowhere."""
 
     def finish(objects, predicted, raw, fractions, valid, weight, factor):
         n = tf.shape(objects)[1]
@@ -275,15 +282,17 @@ def _batch_outputs(backend: str):
         windows = place_patches(tf.cast(patches, tf.complex64), fractions, weight, backend)
         # Per-group sums in float32 (16k terms each), added up in float64 on the host:
         # float64 arithmetic here would double the cost of this function.
-        keep = tf.cast(valid, tf.float32)[:, None]
         predicted = tf.reshape(tf.cast(predicted, tf.float32), (tf.shape(objects)[0], -1))
-        measured = tf.reshape(tf.cast(raw, tf.float32), tf.shape(predicted)) * factor
+        raw = tf.reshape(tf.cast(raw, tf.float32), tf.shape(predicted))
+        keep = tf.cast(valid, tf.float32)[:, None] * tf.cast(raw >= 0, tf.float32)
+        measured = tf.maximum(raw, 0.0) * factor
         rate = tf.square(predicted) + 1e-12
         sums = tf.stack(
             [
                 tf.reduce_sum(tf.abs(predicted - measured) * keep, axis=1),
                 tf.reduce_sum(measured * keep, axis=1),
                 tf.reduce_sum((rate - tf.math.xlogy(tf.square(measured), rate)) * keep, axis=1),
+                tf.reduce_sum(keep, axis=1),
             ],
             axis=1,
         )

@@ -244,25 +244,31 @@ def compare(
     return out
 
 
-def r_factor(predicted: np.ndarray, measured: np.ndarray) -> float:
-    """Fourier-space R-factor ``sum | |Psi_pred| - a_meas | / sum a_meas`` (amplitudes)."""
+def r_factor(predicted: np.ndarray, measured: np.ndarray, valid=None) -> float:
+    """Fourier-space R-factor ``sum | |Psi_pred| - a_meas | / sum a_meas`` (amplitudes),
+    over the ``valid`` pixels (bool, broadcast; None: all)."""
     predicted, measured = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
     if predicted.shape != measured.shape:
         raise ValueError(f"shapes differ: {predicted.shape} vs {measured.shape}")
-    total = float(np.sum(measured))
+    weight = 1.0 if valid is None else np.broadcast_to(valid, measured.shape)
+    total = float(np.sum(measured * weight))
     if not total > 0:
         raise ValueError("measured amplitudes sum to zero")
-    return float(np.sum(np.abs(predicted - measured)) / total)
+    return float(np.sum(np.abs(predicted - measured) * weight) / total)
 
 
-def poisson_nll(predicted: np.ndarray, measured: np.ndarray) -> float:
+def poisson_nll(predicted: np.ndarray, measured: np.ndarray, valid=None) -> float:
     """Mean Poisson negative log-likelihood of counts ``measured^2`` under rates
-    ``predicted^2`` (amplitudes in), without the ``log k!`` term."""
+    ``predicted^2`` (amplitudes in), without the ``log k!`` term, over the ``valid``
+    pixels (None: all)."""
     from scipy.special import xlogy
 
     rate = np.asarray(predicted, np.float64) ** 2 + 1e-12
     counts = np.asarray(measured, np.float64) ** 2
-    return float(np.mean(rate - xlogy(counts, rate)))
+    terms = rate - xlogy(counts, rate)
+    if valid is None:
+        return float(np.mean(terms))
+    return float(np.mean(terms[np.broadcast_to(valid, terms.shape)]))
 
 
 def largest_rectangle(mask: np.ndarray) -> tuple[slice, slice]:

@@ -88,8 +88,9 @@ class Precision(StrEnum):
 class ModelConfig:
     """The ``model`` section: architecture and physics of the network."""
 
-    n: int = 64
-    """Pattern size N: 64, 128 or 256."""
+    n: int | None = None
+    """Pattern size N: 64, 128 or 256; null: the data's (``data.n`` or 64 for simulated
+    scans, the file's patterns after ``data.crop``/``data.bin``)."""
     gridsize: int = 2
     """g: each sample is C = g^2 neighbouring scan positions."""
     filters: int = 16
@@ -123,7 +124,10 @@ class ModelConfig:
         """``ValueError`` naming the first field out of range."""
         require(
             [
-                (self.n in PATTERN_SIZES, f"n={self.n}: must be 64, 128 or 256"),
+                (
+                    self.n is None or self.n in PATTERN_SIZES,
+                    f"n={self.n}: must be 64, 128 or 256, or null (the data's)",
+                ),
                 choice("amplitude_activation", self.amplitude_activation, AmplitudeActivation),
                 choice("object_support", self.object_support, ObjectSupport),
                 choice("object_output", self.object_output, ObjectOutput),
@@ -142,10 +146,11 @@ class ModelConfig:
             ]
         )
 
-    def resolved(self, compile_mode: str) -> ModelConfig:
+    def resolved(self, compile_mode: str, n: int | None = None) -> ModelConfig:
         """This configuration with ``precision=auto`` resolved for this machine and the
-        compile mode the network will run under."""
-        return replace(self, precision=Precision(resolve_precision(self.precision, compile_mode)))
+        compile mode the network will run under, and ``n`` the data's when unset."""
+        precision = Precision(resolve_precision(self.precision, compile_mode))
+        return replace(self, precision=precision, n=self.n or n)
 
     @property
     def channels(self) -> int:
@@ -169,6 +174,8 @@ def _checked(config: ModelConfig) -> ModelConfig:
             "model precision 'auto' is resolved for a compile mode before a model is built: "
             "config.resolved(compile_mode)"
         )
+    if config.n is None:
+        raise ValueError("model n is null: set it (config.resolved(mode, n) takes the data's)")
     return config
 
 
@@ -180,7 +187,8 @@ class PtychoLoss(keras.losses.Loss):
     Poisson term is the deviance ``p^2 - a^2 - a^2 log(p^2 / a^2)`` averaged over
     pixels: the negative log-likelihood of counts ``a^2`` under rate ``p^2`` up to a
     constant (and up to the constant normalisation factor squared), zero at a perfect
-    fit. The MAE term is ``|p - a|``.
+    fit. The MAE term is ``|p - a|``. Pixels whose measured value is negative (the
+    pipeline's mark for masked pixels) count nowhere.
     """
 
     def __init__(
@@ -202,15 +210,18 @@ class PtychoLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         measured = tf.cast(y_true, tf.float32)
         predicted = tf.cast(y_pred, tf.float32)
+        counted = tf.cast(measured >= 0, tf.float32)  # 1 everywhere without a mask
+        measured = tf.maximum(measured, 0.0)
         loss = 0.0
         if self.poisson_weight:
             rate = tf.square(predicted) + 1e-6
             counts = tf.square(measured)
             safe = tf.where(counts > 0, counts, tf.ones_like(counts))
             deviance = rate - counts + counts * (tf.math.log(safe) - tf.math.log(rate))
-            loss += self.poisson_weight * tf.reduce_mean(deviance, axis=(1, 2, 3))
+            loss += self.poisson_weight * tf.reduce_mean(deviance * counted, axis=(1, 2, 3))
         if self.mae_weight:
-            loss += self.mae_weight * tf.reduce_mean(tf.abs(predicted - measured), axis=(1, 2, 3))
+            error = tf.abs(predicted - measured) * counted
+            loss += self.mae_weight * tf.reduce_mean(error, axis=(1, 2, 3))
         return loss
 
     def get_config(self) -> dict:
@@ -330,9 +341,9 @@ def build_model(
     """
     if translate_backend not in BACKENDS:
         raise ValueError(f"translate must be one of {list(BACKENDS)}, got {translate_backend!r}")
-    config = _checked(config)
-    n, c = config.n, config.channels
     probe = np.asarray(probe, np.complex64)
+    config = _checked(replace(config, n=config.n or probe.shape[-1]))  # n null: the probe's
+    n, c = config.n, config.channels
     if probe.shape != (n, n):
         raise ValueError(f"probe must be ({n}, {n}) for model.n={n}, got {probe.shape}")
 

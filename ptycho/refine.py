@@ -294,6 +294,12 @@ class Refiner:
         self.canvas = tf.Variable(np.stack([start.real, start.imag], -1).astype(np.float32))
         self.velocity = tf.Variable(tf.zeros_like(self.canvas))
         self.counts = tf.constant(np.square(scan.diffraction, dtype=np.float32))
+        # Masked pixels (Scan.valid False) count in no sum: weight 0.
+        self.valid = None if scan.valid is None else tf.constant(scan.valid, tf.float32)
+        if scan.valid is None:
+            self.pixels = m * n * n
+        else:
+            self.pixels = int(scan.valid.sum()) * (m if scan.valid.ndim == 2 else 1)
         self.base = tf.constant(
             np.stack([scan.xcoords, scan.ycoords], 1).astype(np.float32) + self.pad
         )
@@ -367,6 +373,13 @@ class Refiner:
             return amplitude_loss(intensity, counts)
         return poisson_loss(intensity, counts, self.options.truncation)
 
+    def _counted(self, index, term):
+        """``term`` (B, N, N) with the masked pixels of positions ``index`` zeroed."""
+        if self.valid is None:
+            return term
+        weight = self.valid if self.valid.shape.rank == 2 else tf.gather(self.valid, index)
+        return term * weight
+
     def _forward_impl(self, index):
         """Per position of the minibatch (B, 6): sums of the loss, the Poisson NLL,
         |sqrt(I) - a|, a, I and the counts."""
@@ -383,7 +396,9 @@ class Refiner:
             intensity,
             counts,
         ]
-        return tf.stack([tf.reduce_sum(term, axis=(1, 2)) for term in terms], axis=1)
+        return tf.stack(
+            [tf.reduce_sum(self._counted(index, term), axis=(1, 2)) for term in terms], axis=1
+        )
 
     def gradients(self, index, canvas=None, probe=None, *, wrt=("canvas", "probe", "positions")):
         """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
@@ -401,7 +416,9 @@ class Refiner:
         with tf.GradientTape() as tape:
             tape.watch([sources[name] for name in wrt])
             patches = self._patches(canvas, indices, fraction)
-            loss = tf.reduce_sum(self._loss(self._intensity(probe, patches), counts))
+            loss = tf.reduce_sum(
+                self._counted(index, self._loss(self._intensity(probe, patches), counts))
+            )
             if options.smoothness:
                 share = tf.cast(tf.shape(index)[0], tf.float32) / self.scan.n_positions
                 loss += options.smoothness * share * _roughness(canvas)
@@ -578,7 +595,7 @@ class Refiner:
     def _record(self, iteration: int, seconds: float, score, true_positions) -> dict:
         begin = time.perf_counter()
         loss, nll, abs_error, measured, _, _ = self.totals()
-        pixels = self.scan.n_positions * self.n * self.n
+        pixels = self.pixels
         record = {
             "iteration": iteration,
             "seconds": seconds,

@@ -1,6 +1,7 @@
-"""Reading and writing scans: PtychoPINN NPZ, the project's HDF5, CXI (read only).
+"""Reading and writing scans: PtychoPINN NPZ, the project's HDF5, CXI and NeXus
+NXcxi_ptycho (read), ptychodus products (probes; :mod:`ptycho.data.ptychodus`).
 
-Formats (docs/design.md, section 4; docs/data.md):
+Formats (docs/design.md, section 4; docs/data.md, docs/measured-data.md):
 
 ``.npz``
     PtychoPINN-compatible keys. ``diff3d`` (M, N, N) float32 amplitudes (``diffraction``
@@ -11,23 +12,20 @@ Formats (docs/design.md, section 4; docs/data.md):
     ``allow_pickle=False``.
 ``.h5`` / ``.hdf5``
     The same names as datasets, plus attributes: ``units`` on each dataset, and on the
-    root ``format``, ``nphotons``, ``seed``, ``source``, ``ptycho_version``.
-``.cxi``
-    The Coherent X-ray Imaging convention: intensities ``entry_1/data_1/data``
-    (converted to amplitudes), positions ``entry_1/sample_1/geometry_1/translation``
-    (or ``entry_1/data_1/translation``) in metres, converted to object pixels with the
-    pixel size ``lambda z / (N p)`` from ``source_1/energy`` (J),
-    ``detector_1/distance`` (m) and ``detector_1/x_pixel_size`` (m), probe from
-    ``entry_1/instrument_1/source_1/probe`` (or ``detector_1/probe``, or a
-    ``probe=`` array).
+    root ``format``, ``nphotons``, ``seed``, ``source``, ``ptycho_version``. An HDF5 file
+    with an ``entry_1`` group is read as CXI.
+``.cxi`` / ``.nxs``
+    CXI and NeXus NXcxi_ptycho (:mod:`ptycho.data.cxi`): counts, positions in metres,
+    geometry, mask, dark frame, beam centre.
 
-Loading holds one copy of the diffraction data: files are read straight into the
-final float32 array, chunk by chunk where a conversion is needed. Writing goes to a
-temporary file in the same folder that is renamed over the target only when complete.
+Every file goes through :func:`ptycho.data.prepare.prepare` (detector frames to
+patterns). HDF5 files are read chunk by chunk. Writing goes to a temporary file in the
+same folder that is renamed over the target only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 from pathlib import Path
@@ -35,18 +33,18 @@ from pathlib import Path
 import numpy as np
 
 from ptycho import __version__
+from ptycho.data import cxi, ptychodus
+from ptycho.data.prepare import Frames, PrepareOptions, prepare
 from ptycho.data.scan import Scan
+from ptycho.errors import DataError
 from ptycho.outputs import atomic_path
 
-__all__ = ["SUFFIXES", "ScanFileError", "load_scan", "save_scan"]
+__all__ = ["SUFFIXES", "ScanFileError", "load_probe", "load_scan", "save_scan"]
 
-SUFFIXES = (".npz", ".h5", ".hdf5", ".cxi")
-_CHUNK = 1024  # patterns converted per step
-
-PLANCK_TIMES_C = 6.62607015e-34 * 299792458.0  # J m
+SUFFIXES = (".npz", ".h5", ".hdf5", ".cxi", ".nxs")
 
 
-class ScanFileError(ValueError):
+class ScanFileError(DataError):
     """A scan file that cannot be read: missing, corrupt, or not a scan."""
 
 
@@ -60,40 +58,116 @@ def _suffix(path: Path) -> str:
     return suffix
 
 
-def load_scan(path: str | os.PathLike, *, probe: np.ndarray | None = None) -> Scan:
-    """Load a scan; the format follows the suffix (.npz, .h5/.hdf5, .cxi).
+def load_scan(
+    path: str | os.PathLike,
+    *,
+    probe: np.ndarray | None = None,
+    options: PrepareOptions | None = None,
+    n: int | None = None,
+    name: str | None = None,
+) -> Scan:
+    """Load a scan; the format follows the suffix (.npz, .h5/.hdf5, .cxi, .nxs) and the
+    frames go through :func:`ptycho.data.prepare.prepare` (``options``; defaults: every
+    step ``auto``).
 
     Parameters
     ----------
     path : path-like
-    probe : (N, N) complex array, optional
-        Probe to use when the file has none (CXI), or to override the file's.
+    probe : complex array, optional
+        Replaces the file's probe (or supplies a missing one).
+    options : PrepareOptions, optional
+    n : int, optional
+        Pattern size the model needs.
+    name : str, optional
+        How messages name the file (default: its path).
 
     Raises
     ------
     ScanFileError
         The file is missing, unreadable, corrupt, lacks a required key, or its
-        contents fail the Scan's checks; the message starts with the path.
+        contents fail the checks; the message starts with the path.
     """
     path = Path(path)
     suffix = _suffix(path)
     if not path.is_file():
         raise ScanFileError(f"{path}: no such file")
+    label = name or str(path)
     try:
-        if suffix == ".npz":
-            scan = _load_npz(path, probe)
-        elif suffix == ".cxi":
-            scan = _load_cxi(path, probe)
-        else:
-            scan = _load_h5(path, probe)
+        with _open_frames(path, suffix) as frames:
+            return prepare(frames, options, n=n, probe=probe, name=label)
     except ScanFileError:
         raise
     except (ValueError, KeyError, TypeError) as error:
         message = str(error).strip("'\"")
-        raise ScanFileError(f"{path}: {message}") from error
+        prefix = "" if message.startswith(label) else f"{label}: "
+        raise ScanFileError(f"{prefix}{message}") from error
     except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise ScanFileError(f"{path}: cannot read the file ({error})") from error
-    return scan
+        raise ScanFileError(f"{label}: cannot read the file ({error})") from error
+
+
+@contextlib.contextmanager
+def _open_frames(path: Path, suffix: str):
+    """The file's :class:`Frames` (HDF5 files stay open while they are read)."""
+    if suffix == ".npz":
+        yield _frames_npz(path)
+        return
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        if suffix in (".cxi", ".nxs") or "entry_1" in handle or "entry" in handle:
+            yield cxi.frames(handle, path)
+        elif ptychodus.is_product(handle):
+            raise ScanFileError(
+                f"{path}: a ptychodus product holds a probe, an object and positions but no "
+                "diffraction patterns; use it as data.probe_path"
+            )
+        else:
+            yield _frames_h5(handle, path)
+
+
+def load_probe(path: str | os.PathLike) -> np.ndarray:
+    """The probe of a file: a run's ``reconstruction.npz`` (``probe``), a scan file
+    (``probeGuess``, CXI/NeXus), a ptychodus product (``probe``) or a ``.npy`` array.
+    (N, N) complex64, or (K, N, N) for K modes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScanFileError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() == ".npy":
+            probe = np.load(path, allow_pickle=False)
+        elif path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                key = next((k for k in ("probe", "probeGuess") if k in archive.files), None)
+                if key is None:
+                    raise ScanFileError(
+                        f"{path}: no 'probe' (a run's reconstruction.npz) or 'probeGuess' "
+                        "(a scan file)"
+                    )
+                probe = archive[key]
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                if ptychodus.is_product(handle):
+                    probe = ptychodus.read_product(path).probe
+                elif "probeGuess" in handle:
+                    probe = handle["probeGuess"][()]
+                else:
+                    probe = cxi.probe(handle)
+                    if probe is None:
+                        raise ScanFileError(f"{path}: holds no probe")
+    except ScanFileError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise ScanFileError(f"{path}: cannot read a probe ({error})") from error
+    probe = np.asarray(probe)
+    if probe.ndim == 4:  # ptychodus: (OPR modes, modes, N, N): the first OPR mode
+        probe = probe[0]
+    if probe.ndim not in (2, 3) or probe.shape[-1] != probe.shape[-2]:
+        raise ScanFileError(f"{path}: a probe is (N, N) or (K, N, N), got {probe.shape}")
+    if not np.isfinite(probe).all():
+        raise ScanFileError(f"{path}: the probe holds NaN or Inf")
+    return probe.astype(np.complex64)
 
 
 def save_scan(scan: Scan, path: str | os.PathLike) -> Path:
@@ -104,8 +178,8 @@ def save_scan(scan: Scan, path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     suffix = _suffix(path)
-    if suffix == ".cxi":
-        raise ScanFileError(f"{path}: writing CXI is not supported; use .h5 or .npz")
+    if suffix in (".cxi", ".nxs"):
+        raise ScanFileError(f"{path}: writing {suffix} is not supported; use .h5 or .npz")
     writer = _write_npz if suffix == ".npz" else _write_h5
     with atomic_path(path) as tmp:
         writer(scan, tmp)
@@ -117,13 +191,12 @@ def save_scan(scan: Scan, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------
 
 _NPZ_REQUIRED = {
-    "probeGuess": "the probe, complex (N, N)",
     "xcoords": "patch centre columns in object pixels, (M,)",
     "ycoords": "patch centre rows in object pixels, (M,)",
 }
 
 
-def _check_keys(path: Path, names: set, probe, what: str) -> str:
+def _check_keys(path: Path, names: set, what: str) -> str:
     """Check the required keys are present; return the diffraction key's name."""
     diff_key = next((k for k in ("diff3d", "diffraction") if k in names), None)
     if diff_key is None:
@@ -132,15 +205,15 @@ def _check_keys(path: Path, names: set, probe, what: str) -> str:
             "amplitudes, (M, N, N)"
         )
     for key, meaning in _NPZ_REQUIRED.items():
-        if key not in names and not (key == "probeGuess" and probe is not None):
+        if key not in names:
             raise ScanFileError(f"{path}: missing {what} {key!r}: {meaning}")
     return diff_key
 
 
-def _load_npz(path: Path, probe: np.ndarray | None) -> Scan:
+def _frames_npz(path: Path) -> Frames:
     with np.load(path, allow_pickle=False) as archive:
         keys = set(archive.files)
-        diff_key = _check_keys(path, keys, probe, "key")
+        diff_key = _check_keys(path, keys, "key")
 
         def read(key):
             try:
@@ -153,17 +226,38 @@ def _load_npz(path: Path, probe: np.ndarray | None) -> Scan:
                     ) from None
                 raise
 
-        diffraction = read(diff_key)
-        return Scan(
-            diffraction=diffraction,
-            probe=read("probeGuess") if probe is None else probe,
-            xcoords=read("xcoords"),
-            ycoords=read("ycoords"),
+        diffraction = _real_frames(read(diff_key), path, diff_key)
+        return Frames(
+            frames=diffraction,
+            amplitudes=True,
+            positions=_positions(read("xcoords"), read("ycoords"), path),
+            probe=read("probeGuess") if "probeGuess" in keys else None,
             object=read("objectGuess") if "objectGuess" in keys else None,
             scan_index=read("scan_index") if "scan_index" in keys else None,
             nphotons=float(read("nphotons")) if "nphotons" in keys else None,
             source=str(path),
         )
+
+
+def _real_frames(frames, path: Path, key: str):
+    """Check that ``frames`` are (M, F, F) real numbers (an array or an HDF5 dataset)."""
+    if np.dtype(frames.dtype).kind not in "fiu":
+        raise ScanFileError(f"{path}: {key!r} must hold real numbers, got {frames.dtype}")
+    if frames.ndim != 3 or frames.shape[1] != frames.shape[2]:
+        raise ScanFileError(f"{path}: {key!r} must be (M, N, N) patterns, got {frames.shape}")
+    if isinstance(frames, np.ndarray):
+        return frames.astype(np.float32, copy=False)
+    return frames
+
+
+def _positions(x, y, path: Path) -> np.ndarray:
+    x, y = np.asarray(x), np.asarray(y)
+    if x.shape != y.shape or x.ndim != 1 or x.dtype.kind not in "fiu" or y.dtype.kind not in "fiu":
+        raise ScanFileError(
+            f"{path}: xcoords and ycoords must be (M,) numbers, got {x.dtype} {x.shape} and "
+            f"{y.dtype} {y.shape}"
+        )
+    return np.stack([x, y], axis=1).astype(np.float64)
 
 
 def _write_npz(scan: Scan, tmp: Path) -> None:
@@ -199,38 +293,23 @@ _H5_UNITS = {
 _H5_FORMAT = "ptychopinn-xla scan"
 
 
-def _read_float32(dataset) -> np.ndarray:
-    """Read an HDF5 dataset into one float32 array (h5py converts while reading)."""
-    out = np.empty(dataset.shape, np.float32)
-    if dataset.size:
-        dataset.read_direct(out)
-    return out
-
-
-def _load_h5(path: Path, probe: np.ndarray | None) -> Scan:
-    import h5py
-
-    with h5py.File(path, "r") as handle:
-        names = set(handle.keys())
-        diff_key = _check_keys(path, names, probe, "dataset")
-        if np.dtype(handle[diff_key].dtype).kind not in "fiu":
-            raise ScanFileError(
-                f"{path}: dataset {diff_key!r} must hold real numbers, got {handle[diff_key].dtype}"
-            )
-        attrs = handle.attrs
-        nphotons = attrs.get("nphotons")
-        seed = attrs.get("seed")
-        return Scan(
-            diffraction=_read_float32(handle[diff_key]),
-            probe=handle["probeGuess"][()] if probe is None else probe,
-            xcoords=handle["xcoords"][()],
-            ycoords=handle["ycoords"][()],
-            object=handle["objectGuess"][()] if "objectGuess" in names else None,
-            scan_index=handle["scan_index"][()] if "scan_index" in names else None,
-            nphotons=None if nphotons is None or np.isnan(nphotons) else float(nphotons),
-            seed=None if seed is None or seed < 0 else int(seed),
-            source=str(attrs.get("source", path)),
-        )
+def _frames_h5(handle, path: Path) -> Frames:
+    names = set(handle.keys())
+    diff_key = _check_keys(path, names, "dataset")
+    attrs = handle.attrs
+    nphotons = attrs.get("nphotons")
+    seed = attrs.get("seed")
+    return Frames(
+        frames=_real_frames(handle[diff_key], path, diff_key),
+        amplitudes=True,
+        positions=_positions(handle["xcoords"][()], handle["ycoords"][()], path),
+        probe=handle["probeGuess"][()] if "probeGuess" in names else None,
+        object=handle["objectGuess"][()] if "objectGuess" in names else None,
+        scan_index=handle["scan_index"][()] if "scan_index" in names else None,
+        nphotons=None if nphotons is None or np.isnan(nphotons) else float(nphotons),
+        seed=None if seed is None or seed < 0 else int(seed),
+        source=str(attrs.get("source", path)),
+    )
 
 
 def _write_h5(scan: Scan, tmp: Path) -> None:
@@ -255,93 +334,3 @@ def _write_h5(scan: Scan, tmp: Path) -> None:
             chunks = (min(len(data), 64), *data.shape[1:]) if name == "diff3d" else None
             dataset = handle.create_dataset(name, data=data, chunks=chunks)
             dataset.attrs["units"] = _H5_UNITS[name]
-
-
-# --------------------------------------------------------------------------------------
-# CXI (read only)
-# --------------------------------------------------------------------------------------
-
-
-def _first(handle, *names):
-    for name in names:
-        if name in handle:
-            return handle[name]
-    return None
-
-
-def _scalar(handle, name: str, path: Path, meaning: str) -> float:
-    if name not in handle:
-        raise ScanFileError(f"{path}: missing {name} ({meaning}), needed to place the positions")
-    return float(np.asarray(handle[name][()]).reshape(-1)[0])
-
-
-def _load_cxi(path: Path, probe: np.ndarray | None) -> Scan:
-    import h5py
-
-    with h5py.File(path, "r") as handle:
-        data = _first(handle, "entry_1/data_1/data", "entry_1/image_1/data")
-        if data is None:
-            raise ScanFileError(
-                f"{path}: missing entry_1/data_1/data (the diffraction intensities)"
-            )
-        if data.ndim != 3 or data.shape[1] != data.shape[2]:
-            raise ScanFileError(
-                f"{path}: entry_1/data_1/data must be (M, N, N) intensities, got {data.shape}"
-            )
-        m, n = data.shape[0], data.shape[1]
-        amplitudes = np.empty((m, n, n), np.float32)
-        for start in range(0, m, _CHUNK):  # intensities -> amplitudes in place, by chunk
-            chunk = amplitudes[start : start + _CHUNK]
-            data.read_direct(chunk, np.s_[start : start + _CHUNK])
-            np.sqrt(np.maximum(chunk, 0.0, out=chunk), out=chunk)
-
-        translation = _first(
-            handle, "entry_1/sample_1/geometry_1/translation", "entry_1/data_1/translation"
-        )
-        if translation is None:
-            raise ScanFileError(
-                f"{path}: missing entry_1/sample_1/geometry_1/translation (positions in metres)"
-            )
-        translation = np.asarray(translation[()], np.float64)
-        if translation.ndim != 2 or translation.shape[0] != m or translation.shape[1] < 2:
-            raise ScanFileError(
-                f"{path}: translation must be (M, 2 or 3) metres with M = {m}, got "
-                f"{translation.shape}"
-            )
-        energy = _scalar(handle, "entry_1/instrument_1/source_1/energy", path, "photon energy, J")
-        distance = _scalar(
-            handle, "entry_1/instrument_1/detector_1/distance", path, "detector distance, m"
-        )
-        pixel = _scalar(
-            handle, "entry_1/instrument_1/detector_1/x_pixel_size", path, "detector pixel, m"
-        )
-        if min(energy, distance, pixel) <= 0:
-            raise ScanFileError(f"{path}: energy, distance and pixel size must be positive")
-        wavelength = PLANCK_TIMES_C / energy
-        object_pixel = wavelength * distance / (n * pixel)  # metres per object pixel
-        # CXI stores the sample translation; the beam moves over the object the other way.
-        x = -translation[:, 0] / object_pixel
-        y = -translation[:, 1] / object_pixel
-        x = x - x.min() + n / 2
-        y = y - y.min() + n / 2
-
-        if probe is None:
-            stored = _first(
-                handle,
-                "entry_1/instrument_1/source_1/probe",
-                "entry_1/instrument_1/detector_1/probe",
-            )
-            if stored is None:
-                raise ScanFileError(
-                    f"{path}: no probe in entry_1/instrument_1/source_1/probe; pass probe= "
-                    "(data.probe_path in the app)"
-                )
-            probe = stored[()]
-    return Scan(
-        diffraction=amplitudes,
-        probe=probe,
-        xcoords=x,
-        ycoords=y,
-        source=str(path),
-        metadata={"object_pixel_size_m": object_pixel},
-    )

@@ -5,6 +5,9 @@ amplitudes and (for C > 1) the (C, 2) offsets of the positions from the group ce
 target the same amplitudes scaled by the dataset's normalisation factor (the model
 applies that factor to its input itself, so a saved model needs nothing else).
 
+Pixels the scan's mask excludes (``Scan.valid``) read 0 in the input (as stored) and
+-1 in the target, which :class:`ptycho.model.PtychoLoss` leaves out of the loss.
+
 Only the (G, C) index table is shuffled; the amplitudes of a batch are gathered when
 the batch is needed, so no group is materialised ahead of time.
 """
@@ -90,6 +93,7 @@ def make_dataset(
     factor = tf.constant(norm_factor, tf.float32)
     with_offsets = groups.shape[1] > 1
     count = len(groups)
+    valid = None if scan.valid is None else tf.constant(scan.valid)  # (N, N) or (M, N, N)
 
     def epoch_batches(epoch):
         order = tf.range(count, dtype=tf.int64)
@@ -104,7 +108,13 @@ def make_dataset(
         inputs = {"diffraction": amplitudes}
         if with_offsets:
             inputs["offsets"] = tf.gather(offset_table, order)
-        return inputs, {"amplitude": amplitudes * factor}
+        target = amplitudes * factor
+        if valid is not None:
+            measured = valid[..., None] if valid.shape.rank == 2 else tf.transpose(
+                tf.gather(valid, tf.gather(group_table, order)), (0, 2, 3, 1)
+            )
+            target = tf.where(measured, target, -tf.ones_like(target))
+        return inputs, {"amplitude": target}
 
     if epochs is None:
         epoch_numbers = tf.data.Dataset.counter(start_epoch)

@@ -50,6 +50,14 @@ class Scan:
         Seed of the simulation that made it.
     source : str
         Provenance: a file path or a description of the simulation.
+    valid : (N, N) or (M, N, N) bool, optional
+        The pixels that count (True) in every loss and metric; False marks pixels the
+        detector mask excludes (beamstop, gaps, dead, hot, saturated or non-finite
+        pixels: docs/measured-data.md), whose amplitudes are stored as 0. (N, N): one
+        mask for every pattern; (M, N, N): per pattern (saturation). None: every pixel
+        counts.
+    metadata : dict
+        What preparation found and did (geometry, centre, shifts), for the run's log.
 
     Arrays are coerced to the dtypes above (no copy when they already have them) and
     stored as read-only views. Every check failure is a ``ValueError`` naming the field.
@@ -65,6 +73,7 @@ class Scan:
     seed: int | None = None
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    valid: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: assign the coerced arrays once
@@ -155,6 +164,16 @@ class Scan:
                 )
             set_(self, "object", _readonly(obj))
 
+        if self.valid is not None:
+            valid = np.asarray(self.valid)
+            if valid.shape not in ((n, n), (m, n, n)):
+                raise ValueError(
+                    f"Scan.valid: expected shape ({n}, {n}) or ({m}, {n}, {n}) to match the "
+                    f"patterns, got {valid.shape}"
+                )
+            valid = valid.astype(bool, copy=False)
+            set_(self, "valid", None if valid.all() else _readonly(valid))
+
         if self.nphotons is not None:
             nphotons = float(self.nphotons)
             if not (np.isfinite(nphotons) and nphotons > 0):
@@ -180,6 +199,15 @@ class Scan:
         """(M, 2) patch centres as [x, y] in object pixels."""
         return np.stack([self.xcoords, self.ycoords], axis=1)
 
+    def valid_pixels(self, indices) -> np.ndarray | None:
+        """(len(indices), N, N) bool: the pixels that count in patterns ``indices``
+        (None when every pixel counts)."""
+        if self.valid is None:
+            return None
+        if self.valid.ndim == 2:
+            return np.broadcast_to(self.valid, (len(indices), self.n, self.n))
+        return self.valid[np.asarray(indices)]
+
     def replace(self, **changes) -> Scan:
         """A new Scan with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -192,6 +220,7 @@ class Scan:
             xcoords=self.xcoords[indices],
             ycoords=self.ycoords[indices],
             scan_index=self.scan_index[indices],
+            valid=self.valid if self.valid is None or self.valid.ndim == 2 else self.valid[indices],
         )
 
     def __repr__(self) -> str:

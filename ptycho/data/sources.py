@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ptycho.data.grouping import Grouping, group_positions
-from ptycho.data.io import load_scan
+from ptycho.data.io import load_probe, load_scan
+from ptycho.data.prepare import PrepareOptions
 from ptycho.data.scan import Scan
 from ptycho.data.simulate import SimulationSpec, simulate
 from ptycho.errors import DataError, require
@@ -32,18 +33,22 @@ class DataSource(StrEnum):
 
 
 @dataclass
-class DataOptions(SimulationSpec):
+class DataOptions(PrepareOptions, SimulationSpec):
     """The ``data`` section. With ``source=simulate`` the :class:`SimulationSpec` fields
-    describe the training scan, and ``test_*`` what differs for the test scan."""
+    describe the training scan, and ``test_*`` what differs for the test scan; with
+    ``source=file`` the :class:`PrepareOptions` fields say how the file's frames become
+    patterns (docs/measured-data.md)."""
 
     source: DataSource = DataSource.simulate
     """``simulate`` (the spec's fields) or ``file`` (``path``)."""
     path: str | None = None
-    """Scan file (``.npz`` with PtychoPINN's keys, ``.h5``/``.hdf5``, ``.cxi``)."""
+    """Scan file (``.npz`` with PtychoPINN's keys, ``.h5``/``.hdf5``, ``.cxi``, NeXus
+    ``.nxs``)."""
     test_path: str | None = None
     """A separate scan to reconstruct and score; default: the training scan."""
     probe_path: str | None = None
-    """A file whose probe (``probeGuess``) replaces the scan's, or supplies a missing one."""
+    """A probe replacing the scan's (or supplying a missing one): a run's
+    ``reconstruction.npz``, a ptychodus product, a ``.npy``, or a scan file."""
     n: int | None = None
     """Pattern size of simulated scans; null: the model's (``model.n`` in train.py, the
     checkpoint's in infer.py, 64 without one)."""
@@ -83,7 +88,9 @@ class DataOptions(SimulationSpec):
                 (self.test_positions >= 1, f"test_positions={self.test_positions}: must be >= 1"),
             ]
         )
-        if not files:
+        if files:
+            PrepareOptions.check(self)
+        else:
             self.simulation(self.pattern_size()).check()
 
     def pattern_size(self, n: int | None = None) -> int:
@@ -138,31 +145,31 @@ class Scans:
 
 def load_scans(options: DataOptions, n: int | None = None) -> Scans:
     """The scans of the ``data`` section for training. Simulated scans have pattern size
-    ``n`` (or ``options.n``, or 64); file scans must have pattern size ``n`` when it is
-    given (:class:`DataError` otherwise, naming the fix)."""
+    ``n`` (or ``options.n``, or 64); file scans are prepared to pattern size ``n`` when
+    it is given (a window of the frame; :class:`DataError` when they cannot be), else to
+    the size the file, ``crop`` and ``bin`` give. A separate test file is prepared to
+    the training scan's size."""
     if options.source == DataSource.simulate:
         train = simulate(options.simulation(options.pattern_size(n)))
         if options.test_seed is None:  # reconstruct the scan the network is trained on
             return Scans(train, train)
         return Scans(train, load_test_scan(options, n))
     train = _load_file(options, "path", n)
-    return Scans(train, _load_file(options, "test_path", n) if options.test_path else train)
+    if not options.test_path:
+        return Scans(train, train)
+    return Scans(train, _load_file(options, "test_path", train.n))
 
 
 def load_test_scan(options: DataOptions, n: int | None = None) -> Scan:
     """The one scan a reconstruction (``infer.py``) needs: the simulated test scan at
-    pattern size ``n`` (or ``options.n``, or 64), or the file ``data.path`` (whatever its
-    pattern size: the model it meets says whether it fits)."""
+    pattern size ``n`` (or ``options.n``, or 64), or the file ``data.path`` prepared to
+    pattern size ``n`` (the model's) when given."""
     if options.source == DataSource.simulate:
         return simulate(options.simulation(options.pattern_size(n), test=True))
-    return _load_file(options, "path", None)
+    return _load_file(options, "path", n)
 
 
 def _load_file(options: DataOptions, key: str, n: int | None) -> Scan:
-    probe = load_scan(options.probe_path).probe if options.probe_path else None
-    scan = load_scan(getattr(options, key), probe=probe)
-    if n is not None and scan.n != n:
-        raise DataError(
-            f"data.{key}: patterns are {scan.n} x {scan.n} but model.n={n}; pass model.n={scan.n}"
-        )
-    return scan
+    probe = load_probe(options.probe_path) if options.probe_path else None
+    prepare = PrepareOptions(**{f.name: getattr(options, f.name) for f in fields(PrepareOptions)})
+    return load_scan(getattr(options, key), probe=probe, options=prepare, n=n, name=f"data.{key}")

@@ -272,7 +272,7 @@ def lag5(obj) -> float:
 def test_data_presets_simulate_what_they_describe():
     def scan(preset: str, test: bool = True):
         cfg = make_config(overrides=[*(["data=" + preset] if preset else []), "debug=smoke"])
-        return cfg, simulate(cfg.data.simulation(cfg.model.n, test=test))
+        return cfg, simulate(cfg.data.simulation(cfg.data.pattern_size(cfg.model.n), test=test))
 
     cfg, default = scan("")
     amplitude, phase = np.abs(default.object), np.angle(default.object)
@@ -467,7 +467,7 @@ def test_a_batch_larger_than_a_files_samples_is_refused(tmp_path):
     ("overrides", "match"),
     [
         (["translate=legacy", "compile=jit"], "use translate=xla, or compile=graph"),
-        (["model.n=100"], "model.n=100: must be 64, 128 or 256"),
+        (["model.n=100"], "model.n=100: must be 64, 128 or 256, or null"),
         (["model.gridsize=0"], "model.gridsize=0: must be >= 1"),
         (["data=npz", "data.path=/no/such/scan.npz"], "data.path=/no/such/scan.npz: no such file"),
         (["data=npz"], "data.path is required"),

@@ -91,7 +91,7 @@ def test_hydra_rejects_typos_wrong_types_and_unknown_choices(override, error):
 
 def test_the_composed_schema_refuses_unknown_keys():
     cfg = compose_raw(overrides=["debug=smoke"])
-    assert cfg.model.n == 64 and cfg.train.epochs == 1 and cfg.data.n_positions == 36
+    assert cfg.model.n is None and cfg.train.epochs == 1 and cfg.data.n_positions == 36
     with pytest.raises((ConfigKeyError, ValidationError, AttributeError)):
         cfg.train.epochz = 1
 
@@ -100,7 +100,7 @@ def test_the_composed_schema_refuses_unknown_keys():
     ("overrides", "match"),
     [
         (["translate=legacy", "compile=jit"], "use translate=xla, or compile=graph"),
-        (["model.n=100"], r"^model.n=100: must be 64, 128 or 256$"),
+        (["model.n=100"], r"^model.n=100: must be 64, 128 or 256, or null \(the data's\)$"),
         (["model.gridsize=0"], r"^model.gridsize=0: must be >= 1$"),
         (["train.epochs=0"], r"^train.epochs=0: must be >= 1$"),
         (["train.mae_weight=0"], r"^train.poisson_weight and mae_weight: must be >= 0, not both"),
@@ -115,7 +115,7 @@ def test_the_composed_schema_refuses_unknown_keys():
         (["data.line_blur=[]"], r"data.line_blur=\[\]: must be one or more blurs"),
         (["data=npz"], "data.path is required"),
         (["data=npz", "data.path=/no/such.npz"], r"^data.path=/no/such.npz: no such file$"),
-        (["data.n=128"], r"^data.n=128 but model.n=64: .* set model.n=128"),
+        (["model.n=64", "data.n=128"], r"^data.n=128 but model.n=64: .* set model.n=128"),
         (["translate=legacy", "compile=graph", "refine=positions"], "use translate=xla"),
         (["distribute.cpu_devices=-1"], r"^distribute.cpu_devices=-1: must be >= 0$"),
     ],

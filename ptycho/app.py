@@ -74,6 +74,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
     out_dir = distribution.output_dir(run_dir)  # the run folder on the chief
     with _writer(out_dir) as writer:
         _log_run(writer, config, model_config, run_dir.name)
+        scans = _training_probe(config, scans, stages.refine, writer)
         scorer = Scorer(scans.test, config.metrics)
         evaluation = _evaluation(config, scorer, stages, writer, model_config.probe_trainable)
         model = fit.build(
@@ -224,6 +225,21 @@ def _model_config(config: TrainConfig, scans: Scans, compile_mode: str) -> Model
             f"cut or bin them ({hint}, or model.n)"
         )
     return config.model.resolved(compile_mode, n)
+
+
+def _training_probe(config: TrainConfig, scans: Scans, compile_mode: str, writer) -> Scans:
+    """The scans with the network's probe: as given, or refined first
+    (``train.probe=refine``; the test scan takes it too when it is the training scan)."""
+    if config.train.probe != fit.ProbeSource.refine:
+        return scans
+    train, _ = refine.refined_probe(
+        scans.train,
+        config.train.probe_iterations,
+        backend=config.translate.backend,
+        compile_mode=compile_mode,
+        writer=writer,
+    )
+    return Scans(train, scans.test if scans.separate_test else train)
 
 
 def _log_run(writer, config: TrainConfig, model: ModelConfig, run_name: str) -> None:

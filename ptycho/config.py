@@ -181,11 +181,7 @@ def check_train(config: TrainConfig) -> None:
     _check_sections(config, ("data", "model", "train", "reconstruct", "refine", "distribute"))
     _check_backend(config)
     data, model = config.data, config.model
-    if (
-        data.source == DataSource.simulate
-        and None not in (data.n, model.n)
-        and data.n != model.n
-    ):
+    if data.source == DataSource.simulate and None not in (data.n, model.n) and data.n != model.n:
         raise ConfigError(
             f"data.n={data.n} but model.n={model.n}: the network is built for the scans' "
             f"pattern size; set model.n={data.n} (data.n follows it)"

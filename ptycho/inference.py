@@ -195,7 +195,8 @@ def reconstruct(
     )
     if predict_fn is None:
         predict_fn = make_predict_fn(model, compile_mode)
-    finish = _batch_outputs(backend)
+    finish = _batch_outputs(backend, scan.background is not None)
+    background = tf.constant(0.0 if scan.background is None else scan.background[..., None])
     shown = sorted({0, len(chosen) // 2, len(chosen) - 1})
 
     def predict(first: int):
@@ -203,13 +204,19 @@ def reconstruct(
         index = chosen[first : first + batch_size]
         size = len(index)
         amplitudes = np.zeros((batch_size, n, n, c), np.float32)
-        amplitudes[:size] = np.moveaxis(scan.diffraction[index], 1, -1)
+        amplitudes[:size] = np.moveaxis(scan.signal(index), 1, -1)
         inputs = {"diffraction": tf.constant(amplitudes)}
         measured, valid = inputs["diffraction"], None
+        if scan.background is not None:  # scored against the counts as measured
+            raw = np.zeros_like(amplitudes)
+            raw[:size] = np.moveaxis(scan.diffraction[index], 1, -1)
+            measured = raw
         if scan.valid is not None:  # masked pixels marked -1: they count in no sum
             valid = np.ones((batch_size, n, n, c), bool)
-            valid[:size] = np.moveaxis(scan.valid_pixels(index.reshape(-1)).reshape(size, c, n, n), 1, -1)
-            measured = tf.constant(np.where(valid, amplitudes, -1.0).astype(np.float32))
+            shown_valid = scan.valid_pixels(index.reshape(-1)).reshape(size, c, n, n)
+            valid[:size] = np.moveaxis(shown_valid, 1, -1)
+            measured = np.where(valid, measured, -1.0).astype(np.float32)
+        measured = tf.convert_to_tensor(measured)
         if c > 1:
             shifts = np.zeros((batch_size, c, 2), np.float32)
             shifts[:size] = offsets[first : first + batch_size]
@@ -225,6 +232,7 @@ def reconstruct(
             tf.constant(np.arange(batch_size) < size),
             stitcher.weight,
             factor,
+            background,
         )
         pairs = [
             (
@@ -267,22 +275,27 @@ def reconstruct(
 
 
 @functools.cache
-def _batch_outputs(backend: str):
+def _batch_outputs(backend: str, with_background: bool = False):
     """The compiled second half of a batch: ``(objects (B, N, N, C) complex, predicted
     amplitudes (B, N, N, C), raw measured amplitudes (B, N, N, C), fractions (B C, 2),
-    valid (B,) bool, weight (N + 1, N + 1), factor) -> (windows, sums)``: the
+    valid (B,) bool, weight (N + 1, N + 1), factor, background (N, N, 1) counts) ->
+    (windows, sums)``: the
     patches placed for the stitcher (:func:`ptycho.stitch.place_patches`) and the sums
     of ``| p - a |``, ``a``, the Poisson NLL and the pixels counted of each group, (B,
     4), zero for padded rows, with ``a`` = raw * factor; raw pixels below 0 (masked)
-    count nowhere."""
+    count nowhere. ``with_background``: the prediction is ``sqrt(p^2 + background
+    factor^2)``, compared with the counts as measured."""
 
-    def finish(objects, predicted, raw, fractions, valid, weight, factor):
+    def finish(objects, predicted, raw, fractions, valid, weight, factor, background):
         n = tf.shape(objects)[1]
         patches = tf.reshape(tf.transpose(objects, (0, 3, 1, 2)), (-1, n, n))
         windows = place_patches(tf.cast(patches, tf.complex64), fractions, weight, backend)
         # Per-group sums in float32 (16k terms each), added up in float64 on the host:
         # float64 arithmetic here would double the cost of this function.
-        predicted = tf.reshape(tf.cast(predicted, tf.float32), (tf.shape(objects)[0], -1))
+        predicted = tf.cast(predicted, tf.float32)
+        if with_background:
+            predicted = tf.sqrt(tf.square(predicted) + background * tf.square(factor))
+        predicted = tf.reshape(predicted, (tf.shape(objects)[0], -1))
         raw = tf.reshape(tf.cast(raw, tf.float32), tf.shape(predicted))
         keep = tf.cast(valid, tf.float32)[:, None] * tf.cast(raw >= 0, tf.float32)
         measured = tf.maximum(raw, 0.0) * factor

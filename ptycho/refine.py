@@ -294,6 +294,10 @@ class Refiner:
         self.canvas = tf.Variable(np.stack([start.real, start.imag], -1).astype(np.float32))
         self.velocity = tf.Variable(tf.zeros_like(self.canvas))
         self.counts = tf.constant(np.square(scan.diffraction, dtype=np.float32))
+        # Counts ~ Poisson(I + background): the dark counts are part of the model.
+        self.background = (
+            None if scan.background is None else tf.constant(scan.background, tf.float32)
+        )
         # Masked pixels (Scan.valid False) count in no sum: weight 0.
         self.valid = None if scan.valid is None else tf.constant(scan.valid, tf.float32)
         if scan.valid is None:
@@ -368,7 +372,12 @@ class Refiner:
         far = tf.signal.fftshift(tf.signal.fft2d(wave), axes=(-2, -1)) / n
         return tf.math.real(far) ** 2 + tf.math.imag(far) ** 2
 
+    def _measurable(self, intensity):
+        """The model's expected counts: the sample's intensity plus the background."""
+        return intensity if self.background is None else intensity + self.background
+
     def _loss(self, intensity, counts):
+        intensity = self._measurable(intensity)
         if self.options.loss == RefineLoss.amplitude:
             return amplitude_loss(intensity, counts)
         return poisson_loss(intensity, counts, self.options.truncation)
@@ -388,13 +397,14 @@ class Refiner:
             tf.convert_to_tensor(self.probe), self._patches(self.canvas, indices, fraction)
         )
         counts = tf.gather(self.counts, index)
+        expected = self._measurable(intensity)
         terms = [
             self._loss(intensity, counts),
-            intensity - counts * tf.math.log(intensity + 1e-12),
-            tf.abs(tf.sqrt(intensity) - tf.sqrt(counts)),
+            expected - counts * tf.math.log(expected + 1e-12),
+            tf.abs(tf.sqrt(expected) - tf.sqrt(counts)),
             tf.sqrt(counts),
             intensity,
-            counts,
+            counts if self.background is None else counts - self.background,
         ]
         return tf.stack(
             [tf.reduce_sum(self._counted(index, term), axis=(1, 2)) for term in terms], axis=1

@@ -92,7 +92,9 @@ def _geometry(entry, path: Path) -> Geometry:
             "missing the photon energy (instrument_1/source_1/energy or beam_1/energy), "
             "needed to place the positions"
         )
-    missing = [name for name in ("distance", "x_pixel_size") if detector is None or name not in detector]
+    missing = [
+        name for name in ("distance", "x_pixel_size") if detector is None or name not in detector
+    ]
     if missing:
         raise ValueError(
             f"missing instrument_1/detector_1/{missing[0]}, needed to place the positions"
@@ -108,7 +110,11 @@ def frames(handle, path: Path) -> Frames:
     """The :class:`Frames` of an open CXI or NeXus file."""
     entry = _entry(handle)
     data = _first(
-        entry, "data_1/data", "instrument_1/detector_1/data", "image_1/data", "instrument/detector/data"
+        entry,
+        "data_1/data",
+        "instrument_1/detector_1/data",
+        "image_1/data",
+        "instrument/detector/data",
     )
     if data is None:
         raise ValueError("missing entry_1/data_1/data (the diffraction counts)")
@@ -155,9 +161,7 @@ def _translations(entry, m: int) -> np.ndarray:
             axis=1,
         )
     else:
-        raise ValueError(
-            "missing entry_1/sample_1/geometry_1/translation (positions in metres)"
-        )
+        raise ValueError("missing entry_1/sample_1/geometry_1/translation (positions in metres)")
     if translation.ndim != 2 or translation.shape[0] != m or translation.shape[1] < 2:
         raise ValueError(
             f"translation must be (M, 2 or 3) metres with M = {m}, got {translation.shape}"

@@ -230,7 +230,7 @@ def _frames_npz(path: Path) -> Frames:
         return Frames(
             frames=diffraction,
             amplitudes=True,
-            positions=_positions(read("xcoords"), read("ycoords"), path),
+            positions=_positions(read("xcoords"), read("ycoords"), len(diffraction), path),
             probe=read("probeGuess") if "probeGuess" in keys else None,
             object=read("objectGuess") if "objectGuess" in keys else None,
             scan_index=read("scan_index") if "scan_index" in keys else None,
@@ -250,13 +250,16 @@ def _real_frames(frames, path: Path, key: str):
     return frames
 
 
-def _positions(x, y, path: Path) -> np.ndarray:
+def _positions(x, y, m: int, path: Path) -> np.ndarray:
     x, y = np.asarray(x), np.asarray(y)
-    if x.shape != y.shape or x.ndim != 1 or x.dtype.kind not in "fiu" or y.dtype.kind not in "fiu":
-        raise ScanFileError(
-            f"{path}: xcoords and ycoords must be (M,) numbers, got {x.dtype} {x.shape} and "
-            f"{y.dtype} {y.shape}"
-        )
+    for name, coords in (("xcoords", x), ("ycoords", y)):
+        if np.iscomplexobj(coords) or coords.dtype.kind not in "fiu":
+            raise ScanFileError(f"{path}: {name}: expected real numbers, got {coords.dtype}")
+        if coords.shape != (m,):
+            raise ScanFileError(
+                f"{path}: {name}: expected shape ({m},), one position per pattern, got "
+                f"{coords.shape}"
+            )
     return np.stack([x, y], axis=1).astype(np.float64)
 
 
@@ -299,10 +302,11 @@ def _frames_h5(handle, path: Path) -> Frames:
     attrs = handle.attrs
     nphotons = attrs.get("nphotons")
     seed = attrs.get("seed")
+    frames = _real_frames(handle[diff_key], path, diff_key)
     return Frames(
-        frames=_real_frames(handle[diff_key], path, diff_key),
+        frames=frames,
         amplitudes=True,
-        positions=_positions(handle["xcoords"][()], handle["ycoords"][()], path),
+        positions=_positions(handle["xcoords"][()], handle["ycoords"][()], len(frames), path),
         probe=handle["probeGuess"][()] if "probeGuess" in names else None,
         object=handle["objectGuess"][()] if "objectGuess" in names else None,
         scan_index=handle["scan_index"][()] if "scan_index" in names else None,

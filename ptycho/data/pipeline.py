@@ -5,7 +5,9 @@ amplitudes and (for C > 1) the (C, 2) offsets of the positions from the group ce
 target the same amplitudes scaled by the dataset's normalisation factor (the model
 applies that factor to its input itself, so a saved model needs nothing else).
 
-Pixels the scan's mask excludes (``Scan.valid``) read 0 in the input (as stored) and
+With a background (``Scan.background``) the network sees ``sqrt(max(a^2 - b, 0))``
+(:meth:`ptycho.data.scan.Scan.signal`), input and target alike. Pixels the scan's mask
+excludes (``Scan.valid``) read 0 in the input (as stored) and
 -1 in the target, which :class:`ptycho.model.PtychoLoss` leaves out of the loss.
 
 Only the (G, C) index table is shuffled; the amplitudes of a batch are gathered when
@@ -23,19 +25,25 @@ from ptycho.data.scan import Scan
 __all__ = ["make_dataset", "normalisation_factor"]
 
 
-def normalisation_factor(diffraction: np.ndarray, *, chunk: int = 1024) -> float:
+def normalisation_factor(
+    diffraction: np.ndarray, *, background: np.ndarray | None = None, chunk: int = 1024
+) -> float:
     """Dataset-level amplitude scale: ``sqrt((N/2)^2 / mean_j sum |a_j|^2)``.
 
     Scaling every pattern by this factor makes the mean total intensity per pattern
     ``(N/2)^2`` (PtychoPINN's convention), whatever the photon count; the model stores
-    it so that inference applies the same factor. Computed in chunks (no full copy).
+    it so that inference applies the same factor. Computed in chunks (no full copy), on
+    the counts without the ``background`` when there is one (what the network sees).
     """
     diffraction = np.asarray(diffraction)
     m, n = diffraction.shape[0], diffraction.shape[1]
     total = 0.0
     for start in range(0, m, chunk):
         block = diffraction[start : start + chunk].astype(np.float64)
-        total += float(np.sum(block * block))
+        energy = block * block
+        if background is not None:
+            energy = np.maximum(energy - background, 0.0)
+        total += float(np.sum(energy))
     mean_energy = total / m
     if not mean_energy > 0:
         raise ValueError("diffraction amplitudes are all zero: cannot normalise the scan")
@@ -94,6 +102,7 @@ def make_dataset(
     with_offsets = groups.shape[1] > 1
     count = len(groups)
     valid = None if scan.valid is None else tf.constant(scan.valid)  # (N, N) or (M, N, N)
+    background = None if scan.background is None else tf.constant(scan.background)
 
     def epoch_batches(epoch):
         order = tf.range(count, dtype=tf.int64)
@@ -104,14 +113,18 @@ def make_dataset(
 
     def load(order):
         amplitudes = tf.gather(diffraction, tf.gather(group_table, order))  # (B, C, N, N)
+        if background is not None:
+            amplitudes = tf.sqrt(tf.maximum(tf.square(amplitudes) - background, 0.0))
         amplitudes = tf.transpose(amplitudes, (0, 2, 3, 1))  # (B, N, N, C)
         inputs = {"diffraction": amplitudes}
         if with_offsets:
             inputs["offsets"] = tf.gather(offset_table, order)
         target = amplitudes * factor
         if valid is not None:
-            measured = valid[..., None] if valid.shape.rank == 2 else tf.transpose(
-                tf.gather(valid, tf.gather(group_table, order)), (0, 2, 3, 1)
+            measured = (
+                valid[..., None]
+                if valid.shape.rank == 2
+                else tf.transpose(tf.gather(valid, tf.gather(group_table, order)), (0, 2, 3, 1))
             )
             target = tf.where(measured, target, -tf.ones_like(target))
         return inputs, {"amplitude": target}

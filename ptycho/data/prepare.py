@@ -10,8 +10,10 @@ this order, each step logged:
    ``saturation``, are masked in their pattern (never used, never refused silently).
 2. **Detector mask.** The file's own mask (CXI ``mask``, NeXus ``pixel_mask``) or a mask
    file, plus hot and dead pixels found over the whole scan (:func:`hot_and_dead`).
-3. **Background.** A dark frame (the file's, a file, or a constant) is subtracted and the
-   result clipped at zero.
+3. **Background.** A dark frame (the file's, a file, or a constant) is kept beside the
+   counts (``Scan.background``, cut and binned with them), not subtracted: refinement
+   models it as an additive term of the likelihood (counts ~ Poisson(I + b)), and the
+   network sees ``sqrt(max(counts - b, 0))`` (docs/measured-data.md says why).
 4. **Zero frequency.** ``fftshift=auto`` shifts patterns whose mean energy sits in the
    corners (stored unshifted) to the centre (:func:`stored_in_corner`).
 5. **Centre, crop, bin.** A ``crop`` x ``crop`` window around the beam centre (``auto``:
@@ -125,9 +127,9 @@ class PrepareOptions:
     saturation: float | None = None
     """Counts at or above this are excluded in their pattern (null: none)."""
     background: Any = AUTO
-    """Subtracted from the counts (clipped at 0): ``auto`` (the file's dark frame, if
-    any), a number (counts per pixel), a dark-frame file (``.npy``, or ``.npz``/``.h5``
-    with ``dark``), or null."""
+    """Counts that are not the sample's (dark current, stray light), modelled as an
+    additive term: ``auto`` (the file's dark frame, if any), a number (counts per
+    pixel), a dark-frame file (``.npy``, or ``.npz``/``.h5`` with ``dark``), or null."""
 
     def check(self) -> None:
         """``ValueError`` naming the first field out of range or file that is missing."""
@@ -229,15 +231,16 @@ def find_centre(mean: np.ndarray, valid: np.ndarray | None = None) -> tuple[floa
     return float(centre[0]), float(centre[1])
 
 
-def hot_and_dead(total: np.ndarray, *, hot_factor: float = 10.0, dead_counts: float = 20.0):
+def hot_and_dead(total: np.ndarray, *, hot_factor: float = 5.0, dead_counts: float = 20.0):
     """Hot and dead pixels of a detector from its counts summed over the whole scan.
 
     Hot: more than ``hot_factor`` times the brightest of its 8 neighbours (plus 20
     counts): real features (speckles, the beam's edge) are a few pixels wide, so a real
-    bright pixel always has a bright neighbour. Dead: zero over the whole scan where the
-    median of its neighbours is above ``dead_counts`` (an honest pixel at that rate
-    reads zero with probability ``exp(-dead_counts)``). Returns ``(hot, dead)`` bool
-    (F, F).
+    bright pixel always has a bright neighbour (with the patterns sampled at twice the
+    speckle size or finer, a peak's neighbour holds at least 40 % of it). Dead: zero
+    over the whole scan where the median of its neighbours is above ``dead_counts`` (an
+    honest pixel at that rate reads zero with probability ``exp(-dead_counts)``).
+    Returns ``(hot, dead)`` bool (F, F).
     """
     from scipy.ndimage import maximum_filter, median_filter
 
@@ -258,7 +261,8 @@ def resample_probe(probe: np.ndarray, window: int, n: int) -> np.ndarray:
     Cropping the detector to ``window`` pixels makes the object pixel F / window times
     larger: the probe is Fourier-cropped (its far field cut to the window, the field of
     view kept). Binning keeps the object pixel and shrinks the field of view: the probe's
-    central N x N is kept. Power per object pixel is preserved.
+    central N x N is kept. The modulus at each point of the sample is kept (the probe is
+    resampled, not rescaled).
     """
     probe = np.asarray(probe, np.complex128)
     f = probe.shape[0]
@@ -266,7 +270,7 @@ def resample_probe(probe: np.ndarray, window: int, n: int) -> np.ndarray:
         far = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(probe)))
         start = f // 2 - window // 2
         far = far[start : start + window, start : start + window]
-        probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(far))) * (window / f)
+        probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(far))) * (window / f) ** 2
     if n < probe.shape[0]:
         start = probe.shape[0] // 2 - n // 2
         probe = probe[start : start + n, start : start + n]
@@ -348,7 +352,7 @@ def _excluded(frames: Frames, options: PrepareOptions, f: int) -> tuple[np.ndarr
 
 
 def _background(frames: Frames, options: PrepareOptions, f: int) -> tuple[Any, str]:
-    """The background to subtract (None, a float, or an (F, F) frame) and its origin."""
+    """The background (None, a float, or an (F, F) frame) and its origin."""
     value = options.background
     if value is None or (value == AUTO and frames.dark is None):
         return None, "none"
@@ -376,8 +380,7 @@ def _window(options: PrepareOptions, f: int, n: int | None, name: str) -> tuple[
         window = f - f % (2 * b)
     if window > f:
         raise ValueError(
-            f"{name}: the frames are {f} x {f}, smaller than data.crop={window}; lower "
-            "data.crop"
+            f"{name}: the frames are {f} x {f}, smaller than data.crop={window}; lower data.crop"
         )
     if window % b:
         raise ValueError(f"{name}: data.bin={b} does not divide the {window}-pixel window")
@@ -435,7 +438,7 @@ def _positions(frames: Frames, n: int, window: int, f: int, name: str) -> tuple:
     shift = np.zeros(2)
     low = np.array([x.min(), y.min()]) - n / 2
     if frames.object is None and (low < 0).any():
-        shift = np.ceil(np.maximum(-low, 0))
+        shift = np.ceil(np.maximum(-low, 0) - 1e-6)  # metres -> pixels leaves rounding
         x, y = x + shift[0], y + shift[1]
         log.info(
             "%s: positions shifted by (%+.0f, %+.0f) px into the object frame (margin 0 px)",
@@ -478,6 +481,8 @@ def prepare(
             f"{name}: frames must be (M, F, F) with one position each, got "
             f"{tuple(frames.frames.shape)} for {m} positions"
         )
+    if m == 0:
+        raise ValueError(f"{name}: the scan is empty (no patterns)")
     window, size = _window(options, f, n, name)
     excluded, mask_origin = _excluded(frames, options, f)
     background, background_origin = _background(frames, options, f)
@@ -493,6 +498,11 @@ def prepare(
         hot, dead = hot_and_dead(np.where(excluded, 0, stats.total))
         excluded |= hot | dead
     mean = np.where(excluded, 0, stats.total / m)
+    if not mean.any():
+        raise ValueError(
+            f"{name}: the patterns hold no counts ({int(stats.bad.sum())} values are NaN, Inf "
+            "or negative)"
+        )
 
     shift = options.fftshift if options.fftshift != AUTO else stored_in_corner(mean)
     if shift:
@@ -526,7 +536,9 @@ def prepare(
     x, y, position_notes = _positions(frames, size, window, f, name)
     probe = frames.probe if probe is None else probe
     if probe is None:
-        raise ValueError(f"{name}: the file holds no probe (probeGuess); give one with data.probe_path")
+        raise ValueError(
+            f"{name}: the file holds no probe (probeGuess); give one with data.probe_path"
+        )
     probe = np.asarray(probe)
     if probe.ndim == 3:  # modes: the first (strongest) one
         probe = probe[0]
@@ -543,7 +555,6 @@ def prepare(
         frames.amplitudes
         and (window, size, row) == (f, f, 0)
         and not shift
-        and background is None
         and options.saturation is None
         and not stats.bad.any()
         and isinstance(frames.frames, np.ndarray)
@@ -551,10 +562,9 @@ def prepare(
     if identity:  # nothing to change: the file's amplitudes as they are (no copy)
         diffraction, per_pattern = frames.frames, None
     else:
-        diffraction, per_pattern = _patterns(
-            frames, options, background, shift, (row, col), window, size
-        )
-    valid = ~_binned(excluded[row : row + window, col : col + window][None], options.bin)[0]
+        diffraction, per_pattern = _patterns(frames, options, shift, (row, col), window, size)
+    detector = ~_binned(excluded[row : row + window, col : col + window][None], options.bin)[0]
+    valid = detector
     if per_pattern is not None:
         valid = per_pattern & valid
         if not valid.any(axis=(1, 2)).all():
@@ -565,6 +575,11 @@ def prepare(
     elif identity and not valid.all():
         diffraction = np.where(valid, diffraction, 0).astype(np.float32)
 
+    if isinstance(background, np.ndarray):
+        cut = background[row : row + window, col : col + window]
+        background = _binned(cut[None], options.bin)[0] * detector
+    elif background is not None:
+        background = np.full((size, size), background * options.bin**2, np.float32) * detector
     notes = {
         "frame": f,
         "window": window,
@@ -596,6 +611,7 @@ def prepare(
         source=frames.source,
         metadata=notes,
         valid=valid,
+        background=background,
     )
 
 
@@ -608,9 +624,9 @@ def _binned(values: np.ndarray, b: int) -> np.ndarray:
     return blocks.any(axis=(2, 4)) if values.dtype == bool else blocks.sum(axis=(2, 4))
 
 
-def _patterns(frames, options, background, shift, corner, window, size):
+def _patterns(frames, options, shift, corner, window, size):
     """(M, N, N) float32 amplitudes and the per-pattern valid pixels (or None)."""
-    m, f = len(frames.positions), frames.frames.shape[-1]
+    m = len(frames.positions)
     out = np.empty((m, size, size), np.float32)
     per_pattern = None
     row, col = corner
@@ -620,9 +636,6 @@ def _patterns(frames, options, background, shift, corner, window, size):
         if options.saturation is not None:
             bad |= counts >= options.saturation
             counts[bad] = 0.0
-        if background is not None:
-            counts -= background
-            np.maximum(counts, 0.0, out=counts)
         if shift:
             counts, bad = np.fft.fftshift(counts, axes=(1, 2)), np.fft.fftshift(bad, axes=(1, 2))
         counts = _binned(counts[crop], options.bin)
@@ -667,6 +680,6 @@ def _log_preparation(name: str, notes: dict) -> None:
             notes["saturated_values"],
         )
     if notes["background"] != "none":
-        log.info("%s: background subtracted: %s", name, notes["background"])
+        log.info("%s: background (modelled, not subtracted): %s", name, notes["background"])
     if "object_pixel_size_m" in notes:
         log.info("%s: object pixel %.4g m", name, notes["object_pixel_size_m"])

@@ -67,7 +67,10 @@ def read_product(path: str | os.PathLike) -> Product:
             positions=np.asarray(positions, np.float64),
             object=obj,
             pixel_size=float(attrs.get("pixel_width_m", handle["probe"].attrs["pixel_width_m"])),
-            object_centre=(float(attrs.get("center_x_m", 0.0)), float(attrs.get("center_y_m", 0.0))),
+            object_centre=(
+                float(attrs.get("center_x_m", 0.0)),
+                float(attrs.get("center_y_m", 0.0)),
+            ),
             distance=float(handle.attrs.get("detector_object_distance_m", 0.0)),
             energy_ev=float(handle.attrs.get("probe_energy_eV", 0.0)),
             losses=np.asarray(losses, np.float64),

@@ -56,6 +56,10 @@ class Scan:
         pixels: docs/measured-data.md), whose amplitudes are stored as 0. (N, N): one
         mask for every pattern; (M, N, N): per pattern (saturation). None: every pixel
         counts.
+    background : (N, N) float32, optional
+        Counts per pixel that are not the sample's (a dark frame), included in
+        ``diffraction``; every stage models them as an additive term (refinement: counts
+        ~ Poisson(I + background); the network sees ``sqrt(max(a^2 - background, 0))``).
     metadata : dict
         What preparation found and did (geometry, centre, shifts), for the run's log.
 
@@ -74,6 +78,7 @@ class Scan:
     source: str = ""
     metadata: dict = field(default_factory=dict)
     valid: np.ndarray | None = None
+    background: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: assign the coerced arrays once
@@ -174,6 +179,17 @@ class Scan:
             valid = valid.astype(bool, copy=False)
             set_(self, "valid", None if valid.all() else _readonly(valid))
 
+        if self.background is not None:
+            background = np.asarray(self.background, np.float32)
+            if background.shape != (n, n) or not np.isfinite(background).all():
+                raise ValueError(
+                    f"Scan.background: expected finite counts of shape ({n}, {n}), got "
+                    f"{background.shape}"
+                )
+            if (background < 0).any():
+                raise ValueError("Scan.background: negative counts")
+            set_(self, "background", None if not background.any() else _readonly(background))
+
         if self.nphotons is not None:
             nphotons = float(self.nphotons)
             if not (np.isfinite(nphotons) and nphotons > 0):
@@ -198,6 +214,14 @@ class Scan:
     def positions(self) -> np.ndarray:
         """(M, 2) patch centres as [x, y] in object pixels."""
         return np.stack([self.xcoords, self.ycoords], axis=1)
+
+    def signal(self, indices) -> np.ndarray:
+        """(len(indices), N, N) float32 amplitudes of patterns ``indices`` with the
+        background taken out: ``sqrt(max(a^2 - background, 0))`` (the network's input)."""
+        amplitudes = self.diffraction[np.asarray(indices)]
+        if self.background is None:
+            return amplitudes
+        return np.sqrt(np.maximum(amplitudes**2 - self.background, 0.0))
 
     def valid_pixels(self, indices) -> np.ndarray | None:
         """(len(indices), N, N) bool: the pixels that count in patterns ``indices``

@@ -172,4 +172,10 @@ def load_test_scan(options: DataOptions, n: int | None = None) -> Scan:
 def _load_file(options: DataOptions, key: str, n: int | None) -> Scan:
     probe = load_probe(options.probe_path) if options.probe_path else None
     prepare = PrepareOptions(**{f.name: getattr(options, f.name) for f in fields(PrepareOptions)})
-    return load_scan(getattr(options, key), probe=probe, options=prepare, n=n, name=f"data.{key}")
+    return load_scan(
+        getattr(options, key),
+        probe=probe,
+        options=prepare,
+        n=n,
+        name=f"data.{key}={getattr(options, key)}",
+    )

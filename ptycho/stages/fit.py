@@ -24,11 +24,11 @@ from ptycho import checkpoints
 from ptycho.checkpoints import Resumed
 from ptycho.data import Scan, make_dataset, normalisation_factor
 from ptycho.distribute import Distribution, dataset_options, fitting
-from ptycho.errors import Interrupted, TrainingDiverged, require
+from ptycho.errors import Interrupted, TrainingDiverged, choice, require
 from ptycho.model import ModelConfig, build_model, compile_model
 from ptycho.monitor import TrainingMonitor, stop_on_interrupt
 
-__all__ = ["FitOptions", "Fitted", "Schedule", "build", "fit"]
+__all__ = ["FitOptions", "Fitted", "ProbeSource", "Schedule", "build", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ class Schedule(StrEnum):
     constant = "constant"
     cosine = "cosine"
     exponential = "exponential"
+
+
+class ProbeSource(StrEnum):
+    data = "data"
+    refine = "refine"
 
 
 @dataclass
@@ -67,6 +72,12 @@ class FitOptions:
     """Stop after the epoch that crosses this wall time (null: never)."""
     eval_minutes: list[float] = field(default_factory=list)
     """Also evaluate after the epochs that cross these wall times (minutes)."""
+    probe: ProbeSource = ProbeSource.data
+    """The network's probe: ``data`` (the scan's, or ``data.probe_path``'s) or ``refine``
+    (found first by ``refine=full`` on the training scan from that one: for measured
+    data, whose probe guess is rarely good enough for the network)."""
+    probe_iterations: int = 30
+    """Iterations of that refinement (``probe=refine``)."""
 
     def check(self) -> None:
         """``ValueError`` naming the first field out of range."""
@@ -86,6 +97,11 @@ class FitOptions:
                     "poisson_weight and mae_weight: must be >= 0, not both 0",
                 ),
                 (self.eval_every >= 0, f"eval_every={self.eval_every}: must be >= 0"),
+                choice("probe", self.probe, ProbeSource),
+                (
+                    self.probe_iterations >= 1,
+                    f"probe_iterations={self.probe_iterations}: must be >= 1",
+                ),
                 (
                     self.max_minutes is None or self.max_minutes > 0,
                     f"max_minutes={self.max_minutes}: must be > 0 or null",
@@ -152,7 +168,7 @@ def build(
     )
     with distribution.strategy.scope():
         if resumed is None:
-            factor = normalisation_factor(scan.diffraction)
+            factor = normalisation_factor(scan.diffraction, background=scan.background)
             model, _ = build_model(
                 config, probe=scan.probe, norm_factor=factor, translate_backend=backend
             )

@@ -6,17 +6,19 @@ scalars in TensorBoard, ``refine.png`` and ground-truth metrics when the scan ha
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from ptycho import figures
+from ptycho.data.scan import Scan
 from ptycho.errors import TrainingDiverged
 from ptycho.progress import Progress
 from ptycho.reconstruction import Reconstruction
-from ptycho.refine import RefineOptions, Refiner, RefineResult
+from ptycho.refine import RefineMode, RefineOptions, Refiner, RefineResult
 from ptycho.scoring import Scorer
 from ptycho.stages.evaluate import log_scalars
 
-__all__ = ["run"]
+__all__ = ["refined_probe", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ def run(
     writer=None,
     curves: Path | None = None,
     stream=None,
+    tag: str = "refine",
 ) -> RefineResult:
     """Refine ``scorer.scan`` from ``start`` (None: a flat object).
 
@@ -61,7 +64,7 @@ def run(
         progress.update(record["iteration"], _progress_text(record))
         if writer is not None:
             values = {k: v for k, v in record.items() if k != "iteration"}
-            log_scalars(writer, "refine", values, record["iteration"])
+            log_scalars(writer, tag, values, record["iteration"])
 
     try:
         result = refiner.run(
@@ -84,6 +87,41 @@ def run(
     if curves is not None:
         figures.save_curves(result.history, curves, title=f"refine={options.mode}")
     return result
+
+
+def refined_probe(
+    scan: Scan,
+    iterations: int,
+    *,
+    backend: str,
+    compile_mode: str,
+    writer=None,
+    stream=None,
+) -> tuple[Scan, RefineResult]:
+    """``scan`` with the probe that ``refine=full`` (``iterations``, from a flat object
+    and the scan's probe) finds on it: the network's probe for ``train.probe=refine``.
+    Progress as :func:`run`'s, under ``probe/`` in TensorBoard."""
+    options = RefineOptions(mode=RefineMode.full, iterations=iterations)
+    if backend != "xla":  # positions need the xla warp; the probe does not
+        options = replace(options, mode=RefineMode.object)
+        log.warning(
+            "train.probe=refine with translate=%s: the probe is kept (refine=object)", backend
+        )
+    log.info("train.probe=refine: refine=%s on the training scan first", options.mode)
+    result = run(
+        Scorer(scan),
+        options,
+        start=None,
+        backend=backend,
+        compile_mode=compile_mode,
+        writer=writer,
+        stream=stream,
+        tag="probe",
+    )
+    log.info(
+        "train.probe=refine: R-factor %.4f; the network uses the refined probe", result.r_factor
+    )
+    return scan.replace(probe=result.probe), result
 
 
 def _progress_text(record: dict) -> str:

@@ -229,13 +229,17 @@ def test_infer_with_the_other_backend_agrees(trained_run, tmp_path):
 
 def test_infer_refuses_data_whose_n_does_not_match_the_checkpoint(trained_run, tmp_path):
     run_dir, _ = trained_run
-    scan = simulate(n=128, n_positions=9, seed=0)
-    save_scan(scan, tmp_path / "big.npz")
+    scan = simulate(n=32, n_positions=9, seed=0)  # smaller than the model: nothing to cut
+    save_scan(scan, tmp_path / "small.npz")
     cfg = make_config(
         "infer",
-        [f"checkpoint={run_dir / 'model.keras'}", "data=npz", f"data.path={tmp_path / 'big.npz'}"],
+        [
+            f"checkpoint={run_dir / 'model.keras'}",
+            "data=npz",
+            f"data.path={tmp_path / 'small.npz'}",
+        ],
     )
-    with pytest.raises(DataError, match="N = 64"):
+    with pytest.raises(DataError, match=r"patterns are 32 x 32 .* but model.n=64"):
         app.infer(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "reconstruction.npz").exists()
 
@@ -415,7 +419,10 @@ def test_probe_path_supplies_the_probe_of_a_file_without_one(tmp_path):
     scan_path = user_scan(tmp_path, "noprobe.npz", drop=("probeGuess",), probe="fresnel")
     probe_path = user_scan(tmp_path, "probe.npz", probe="fresnel", n_positions=4)
     overrides = ["debug=smoke", "compile=graph", "data=npz", f"data.path={scan_path}"]
-    with pytest.raises(ScanFileError, match="missing key 'probeGuess'"):
+    with pytest.raises(
+        ScanFileError,
+        match=r"data.path=.*: the file holds no probe \(probeGuess\); give one with data.probe_path",
+    ):
         app.train(make_config(overrides=overrides), tmp_path / "refused")
     app.train(
         make_config(overrides=[*overrides, f"data.probe_path={probe_path}"]), tmp_path / "run"

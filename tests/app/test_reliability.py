@@ -42,9 +42,8 @@ def bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
         write_npz(folder / "lengths.npz", **{**arrays, "ycoords": arrays["ycoords"][:-3]}),
         r"ycoords: expected shape \(36,\)",
     )
-    nan = arrays["diff3d"].copy()
-    nan[5, 3, 3] = np.nan
-    cases["nan"] = (write_npz(folder / "nan.npz", **{**arrays, "diff3d": nan}), "non-finite")
+    nan = np.full_like(arrays["diff3d"], np.nan)  # NaN in one pixel is masked (test_measured)
+    cases["nan"] = (write_npz(folder / "nan.npz", **{**arrays, "diff3d": nan}), "no usable value")
     cases["negative"] = (
         write_npz(folder / "neg.npz", **{**arrays, "diff3d": -arrays["diff3d"]}),
         "negative",
@@ -101,9 +100,9 @@ def test_inference_refuses_mismatched_checkpoints_and_data(good_scan, tmp_path):
             tmp_path / "inf",
         )
 
-    save_scan(simulate(n=128, n_positions=9, seed=1), tmp_path / "n128.npz")
-    with pytest.raises(DataError, match="N = 64"):
-        infer(tmp_path / "n128.npz")
+    save_scan(simulate(n=32, n_positions=9, seed=1), tmp_path / "n32.npz")
+    with pytest.raises(DataError, match=r"n32.npz: patterns are 32 x 32 .* model.n=64"):
+        infer(tmp_path / "n32.npz")
     with pytest.raises(ConfigError, match="no such file"):
         infer(good_scan, tmp_path / "absent.keras")
     corrupt = tmp_path / "corrupt.keras"

@@ -304,7 +304,9 @@ def test_loader_errors_name_the_file_and_the_problem(tmp_path):
     np.savez(
         tmp_path / "nokey.npz", diff3d=scan.diffraction, xcoords=scan.xcoords, ycoords=scan.ycoords
     )
-    with pytest.raises(ScanFileError, match=r"no probe \(probeGuess\); give one with data.probe_path"):
+    with pytest.raises(
+        ScanFileError, match=r"no probe \(probeGuess\); give one with data.probe_path"
+    ):
         load_scan(tmp_path / "nokey.npz")
     pickled = tmp_path / "pickled.npz"
     np.savez(

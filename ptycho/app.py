@@ -121,7 +121,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
         }
         log_scalars(writer, "final", _speed(summary), fitted.epochs)
         final = refined or network
-        write_run(run_dir, final, scorer, _label(config, final), summary)
+        write_run(run_dir, final, scorer, _label(config, final), summary, config.outputs)
     log.info("%s", headline(final, _label(config, final)))
     log.info("wrote %s (%.0f s)", run_dir, summary["wall_seconds"])
     return summary
@@ -162,7 +162,7 @@ def infer(config: InferConfig, run_dir: Path) -> dict:
             )
             log_evaluation(writer, network, scorer, step=0, final=True)
         final = refined or network
-        write_run(run_dir, final, scorer, _label(config, final), summary)
+        write_run(run_dir, final, scorer, _label(config, final), summary, config.outputs)
     log.info(
         "reconstructed %d patterns in %.1f s; %s",
         scan.n_positions,

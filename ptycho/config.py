@@ -41,6 +41,7 @@ from ptycho.model import ModelConfig
 from ptycho.refine import RefineMode, RefineOptions
 from ptycho.scoring import MetricsOptions
 from ptycho.stages.fit import FitOptions
+from ptycho.stages.write import OutputOptions
 from ptycho.warp import LegacyBackendUnderXLAError, TranslateOptions, check_compilable
 
 __all__ = [
@@ -70,6 +71,7 @@ class RunConfig:
     reconstruct: ReconstructOptions = field(default_factory=ReconstructOptions)
     metrics: MetricsOptions = field(default_factory=MetricsOptions)
     refine: RefineOptions = field(default_factory=RefineOptions)
+    outputs: OutputOptions = field(default_factory=OutputOptions)
     verbose: bool = False
     """Debug logs and TensorFlow's native start-up notices."""
 
@@ -178,7 +180,9 @@ def check_train(config: TrainConfig) -> None:
     """Every check of a train configuration that needs no data and no TensorFlow (the
     batch against the samples and the devices: :func:`check_batches`, once the data are
     grouped)."""
-    _check_sections(config, ("data", "model", "train", "reconstruct", "refine", "distribute"))
+    _check_sections(
+        config, ("data", "model", "train", "reconstruct", "refine", "distribute", "outputs")
+    )
     _check_backend(config)
     data, model = config.data, config.model
     if data.source == DataSource.simulate and None not in (data.n, model.n) and data.n != model.n:
@@ -190,7 +194,7 @@ def check_train(config: TrainConfig) -> None:
 
 def check_infer(config: InferConfig) -> None:
     """Every check of an infer configuration that needs no data and no TensorFlow."""
-    _check_sections(config, ("data", "reconstruct", "refine"))
+    _check_sections(config, ("data", "reconstruct", "refine", "outputs"))
     _check_backend(config)
     if not config.checkpoint and config.refine.mode == RefineMode.off:
         raise ConfigError(

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ptycho.data.cxi import ELECTRON_VOLT, PLANCK_TIMES_C, write_cxi
+from ptycho.data.cxi import write_cxi
 from ptycho.data.io import save_scan
+from ptycho.data.prepare import ELECTRON_VOLT, PLANCK_TIMES_C
 from ptycho.data.scan import Scan
 from ptycho.data.simulate import make_object, scan_positions
 from ptycho.outputs import atomic_path

@@ -25,12 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ptycho.data.prepare import Frames, Geometry
+from ptycho.data.prepare import ELECTRON_VOLT, PLANCK_TIMES_C, Frames, Geometry
 
-__all__ = ["PLANCK_TIMES_C", "frames", "probe", "write_cxi"]
-
-PLANCK_TIMES_C = 6.62607015e-34 * 299792458.0  # J m
-ELECTRON_VOLT = 1.602176634e-19  # J
+__all__ = ["frames", "probe", "write_cxi"]
 _LENGTH = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "nm": 1e-9}
 _ENERGY = {"J": 1.0, "eV": ELECTRON_VOLT, "keV": 1e3 * ELECTRON_VOLT}
 

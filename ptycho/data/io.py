@@ -163,6 +163,8 @@ def load_probe(path: str | os.PathLike) -> np.ndarray:
     probe = np.asarray(probe)
     if probe.ndim == 4:  # ptychodus: (OPR modes, modes, N, N): the first OPR mode
         probe = probe[0]
+    if probe.ndim == 3 and len(probe) == 1:  # one mode
+        probe = probe[0]
     if probe.ndim not in (2, 3) or probe.shape[-1] != probe.shape[-2]:
         raise ScanFileError(f"{path}: a probe is (N, N) or (K, N, N), got {probe.shape}")
     if not np.isfinite(probe).all():

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 256  # frames per step: bounded temporaries whatever the frame size
 AUTO = "auto"
+PLANCK_TIMES_C = 6.62607015e-34 * 299792458.0  # J m
+ELECTRON_VOLT = 1.602176634e-19  # J
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class Geometry:
     wavelength: float
     distance: float
     pixel: float
+
+    @property
+    def energy_ev(self) -> float:
+        return PLANCK_TIMES_C / self.wavelength / ELECTRON_VOLT
 
     def object_pixel(self, window: int) -> float:
         """Metres per object pixel for a ``window`` x ``window`` pixel detector window."""
@@ -430,6 +436,9 @@ def _positions(frames: Frames, n: int, window: int, f: int, name: str) -> tuple:
             notes["object_pixel_size_m"] = frames.geometry.object_pixel(window)
     elif frames.geometry is not None:
         notes["object_pixel_size_m"] = frames.geometry.object_pixel(window)
+    if frames.geometry is not None:
+        notes["distance_m"] = frames.geometry.distance
+        notes["energy_ev"] = frames.geometry.energy_ev
     if frames.units == "pixels" and np.ptp(x) + np.ptp(y) < 1e-2 and len(x) > 1:
         raise ValueError(
             f"{name}: the positions span {np.ptp(x):.2g} x {np.ptp(y):.2g} object pixels: "

@@ -102,6 +102,8 @@ def refined_probe(
     and the scan's probe) finds on it: the network's probe for ``train.probe=refine``.
     Progress as :func:`run`'s, under ``probe/`` in TensorBoard."""
     options = RefineOptions(mode=RefineMode.full, iterations=iterations)
+    # The probe moves from a third of the way at the latest (short runs too).
+    options.probe_start = min(options.probe_start, max(1, iterations // 3))
     if backend != "xla":  # positions need the xla warp; the probe does not
         options = replace(options, mode=RefineMode.object)
         log.warning(

@@ -421,7 +421,7 @@ def test_probe_path_supplies_the_probe_of_a_file_without_one(tmp_path):
     overrides = ["debug=smoke", "compile=graph", "data=npz", f"data.path={scan_path}"]
     with pytest.raises(
         ScanFileError,
-        match=r"data.path=.*: the file holds no probe \(probeGuess\); give one with data.probe_path",
+        match=r"data.path=.*: the file holds no probe \(probeGuess\); give one with data.probe_",
     ):
         app.train(make_config(overrides=overrides), tmp_path / "refused")
     app.train(

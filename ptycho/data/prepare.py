@@ -445,9 +445,12 @@ def _positions(frames: Frames, n: int, window: int, f: int, name: str) -> tuple:
             "they look like metres; positions in .npz/.h5 files are object pixels"
         )
     shift = np.zeros(2)
-    low = np.array([x.min(), y.min()]) - n / 2
-    if frames.object is None and (low < 0).any():
-        shift = np.ceil(np.maximum(-low, 0) - 1e-6)  # metres -> pixels leaves rounding
+    low = np.array([x.min(), y.min()]) - n / 2  # the first patch's corner
+    # Placed when a patch would leave the frame, when the origin is far (a motor's), and
+    # always for metres (their origin is the instrument's): first corner at pixel 0.
+    place = (low < 0) | (low > n) | (frames.units == "metres")
+    if frames.object is None and place.any():
+        shift = np.where(place, np.ceil(-low - 1e-6), 0.0)  # metres -> pixels: rounding
         x, y = x + shift[0], y + shift[1]
         log.info(
             "%s: positions shifted by (%+.0f, %+.0f) px into the object frame (margin 0 px)",

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+from ptycho.data.beamline import BeamlineSpec, write_beamline
 from tests.conftest import ROOT, run_script, scan_arrays, start_script, write_npz
 
 OUTPUTS = ("model.keras", "metrics.json", "reconstruction.npz", "reconstruction.png")
@@ -221,3 +222,26 @@ def test_sigint_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     assert f"checkpoint of epoch {saved} " in lines[0]
     assert not (run_dir / "model.keras").exists()
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_beamline_file_goes_through_infer_py_and_bad_windows_are_one_line(tmp_path):
+    write_beamline(
+        tmp_path / "scan.cxi", BeamlineSpec(n=64, frame=128, side=6, gap=(15, 2), beamstop=2.0)
+    )
+    common = ["infer.py", "data=npz", f"data.path={tmp_path / 'scan.cxi'}"]
+    run_dir = tmp_path / "run"
+    result = run_script(
+        *common, "data.crop=64", "refine=object", "refine.iterations=2", f"hydra.run.dir={run_dir}"
+    )
+    assert result.returncode == 0, result.stderr
+    log = (run_dir / "infer.log").read_text()
+    assert "frames 128 x 128 -> N 64; zero frequency was in the corner: fftshifted" in log
+    assert "(mask: the file's; 4 hot, " in log and "background (modelled" in log
+    refused = run_script(
+        *common, "data.crop=256", "refine=object", f"hydra.run.dir={tmp_path / 'no'}"
+    )
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "smaller than data.crop=256; lower data.crop" in lines[0], lines
+    assert not (tmp_path / "no" / "reconstruction.npz").exists()

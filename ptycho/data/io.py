@@ -35,7 +35,7 @@ import numpy as np
 from ptycho import __version__
 from ptycho.data import cxi, ptychodus
 from ptycho.data.prepare import Frames, PrepareOptions, prepare
-from ptycho.data.scan import Scan
+from ptycho.data.scan import Scan, coordinates
 from ptycho.errors import DataError
 from ptycho.outputs import atomic_path
 
@@ -253,16 +253,8 @@ def _real_frames(frames, path: Path, key: str):
 
 
 def _positions(x, y, m: int, path: Path) -> np.ndarray:
-    x, y = np.asarray(x), np.asarray(y)
-    for name, coords in (("xcoords", x), ("ycoords", y)):
-        if np.iscomplexobj(coords) or coords.dtype.kind not in "fiu":
-            raise ScanFileError(f"{path}: {name}: expected real numbers, got {coords.dtype}")
-        if coords.shape != (m,):
-            raise ScanFileError(
-                f"{path}: {name}: expected shape ({m},), one position per pattern, got "
-                f"{coords.shape}"
-            )
-    return np.stack([x, y], axis=1).astype(np.float64)
+    """(M, 2) [x, y] of a file's ``xcoords``, ``ycoords`` (checked as a Scan's)."""
+    return np.stack([coordinates(x, m, "xcoords"), coordinates(y, m, "ycoords")], axis=1)
 
 
 def _write_npz(scan: Scan, tmp: Path) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Scan"]
+__all__ = ["Scan", "coordinates"]
 
 _CHUNK = 1024  # patterns per validation chunk: bounded temporaries on large scans
 
@@ -22,6 +22,18 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def coordinates(values, m: int, name: str) -> np.ndarray:
+    """``values`` as (M,) float64 positions, or a ``ValueError`` naming ``name``."""
+    coords = np.asarray(values)
+    if np.iscomplexobj(coords) or coords.dtype.kind not in "fiu":
+        raise ValueError(f"{name}: expected real numbers, got dtype {coords.dtype}")
+    if coords.shape != (m,):
+        raise ValueError(
+            f"{name}: expected shape ({m},), one position per pattern, got {coords.shape}"
+        )
+    return coords.astype(np.float64, copy=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,15 +134,7 @@ class Scan:
         set_(self, "probe", _readonly(probe))
 
         for name in ("xcoords", "ycoords"):
-            coords = np.asarray(getattr(self, name))
-            if np.iscomplexobj(coords) or coords.dtype.kind not in "fiu":
-                raise ValueError(f"Scan.{name}: expected real numbers, got dtype {coords.dtype}")
-            if coords.shape != (m,):
-                raise ValueError(
-                    f"Scan.{name}: expected shape ({m},), one position per pattern, got "
-                    f"{coords.shape}"
-                )
-            coords = coords.astype(np.float64, copy=False)
+            coords = coordinates(getattr(self, name), m, f"Scan.{name}")
             if not np.isfinite(coords).all():
                 raise ValueError(f"Scan.{name}: contains NaN or Inf")
             set_(self, name, _readonly(coords))

@@ -432,3 +432,25 @@ def test_the_diffraction_image_shows_the_mask():
     mask_row = image[0, 16:24, :8, 0]
     np.testing.assert_array_equal(mask_row == 1, ~valid)
     assert diffraction_image([(measured, predicted)]).shape == (1, 16, 8, 1)
+
+
+def test_a_nexus_raster_is_read_in_scan_order(small, tmp_path):
+    counts = np.round(small.diffraction**2).astype(np.uint32)  # 25 = 5 x 5 positions
+    wavelength = PLANCK_TIMES_C / (8000 * ELECTRON_VOLT)
+    pixel = wavelength * 2.0 / (32 * 75e-6)
+    translation_um = -small.positions * pixel * 1e6
+    write_nexus(
+        tmp_path / "flat.nxs",
+        counts,
+        translation_um,
+        energy_ev=8000,
+        distance_mm=2000,
+        pixel_um=75,
+        excluded=np.zeros((32, 32), bool),
+        centre=(16, 16),
+    )
+    with h5py.File(tmp_path / "flat.nxs", "a") as f:
+        del f["entry_1/instrument_1/detector_1/data"], f["entry_1/data_1/data"]
+        f["entry_1/instrument_1/detector_1/data"] = counts.reshape(5, 5, 32, 32)
+    scan = load_scan(tmp_path / "flat.nxs", probe=small.probe)
+    np.testing.assert_allclose(scan.diffraction**2, counts, rtol=1e-6)

@@ -11,9 +11,10 @@ this order, each step logged:
 2. **Detector mask.** The file's own mask (CXI ``mask``, NeXus ``pixel_mask``) or a mask
    file, plus hot and dead pixels found over the whole scan (:func:`hot_and_dead`).
 3. **Background.** A dark frame (the file's, a file, or a constant) is kept beside the
-   counts (``Scan.background``, cut and binned with them), not subtracted: refinement
-   models it as an additive term of the likelihood (counts ~ Poisson(I + b)), and the
-   network sees ``sqrt(max(counts - b, 0))`` (docs/measured-data.md says why).
+   counts (``Scan.background``, cut and binned with them): refinement models it as an
+   additive term of the likelihood (counts ~ Poisson(I + b)), and the network sees
+   ``sqrt(max(counts - b, 0))``; or, with ``background_mode=subtract``, subtracted and
+   clipped at zero here (docs/measured-data.md compares the two).
 4. **Zero frequency.** ``fftshift=auto`` shifts patterns whose mean energy sits in the
    corners (stored unshifted) to the centre (:func:`stored_in_corner`).
 5. **Centre, crop, bin.** A ``crop`` x ``crop`` window around the beam centre (``auto``:
@@ -32,15 +33,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ptycho.data.scan import Scan
-from ptycho.errors import require
+from ptycho.errors import choice, require
 
 __all__ = [
+    "BackgroundMode",
     "Frames",
     "Geometry",
     "PrepareOptions",
@@ -57,6 +60,11 @@ _CHUNK = 256  # frames per step: bounded temporaries whatever the frame size
 AUTO = "auto"
 PLANCK_TIMES_C = 6.62607015e-34 * 299792458.0  # J m
 ELECTRON_VOLT = 1.602176634e-19  # J
+
+
+class BackgroundMode(StrEnum):
+    model = "model"
+    subtract = "subtract"
 
 
 @dataclass(frozen=True)
@@ -133,9 +141,13 @@ class PrepareOptions:
     saturation: float | None = None
     """Counts at or above this are excluded in their pattern (null: none)."""
     background: Any = AUTO
-    """Counts that are not the sample's (dark current, stray light), modelled as an
-    additive term: ``auto`` (the file's dark frame, if any), a number (counts per
-    pixel), a dark-frame file (``.npy``, or ``.npz``/``.h5`` with ``dark``), or null."""
+    """Counts that are not the sample's (dark current, stray light): ``auto`` (the file's
+    dark frame, if any), a number (counts per pixel), a dark-frame file (``.npy``, or
+    ``.npz``/``.h5`` with ``dark``), or null."""
+    background_mode: BackgroundMode = BackgroundMode.model
+    """``model``: an additive term of the likelihood (counts ~ Poisson(I + b); R-factors
+    against the counts as measured); ``subtract``: ``sqrt(max(counts - b, 0))`` stored
+    instead (docs/measured-data.md compares them)."""
 
     def check(self) -> None:
         """``ValueError`` naming the first field out of range or file that is missing."""
@@ -173,6 +185,7 @@ class PrepareOptions:
                     f"background={self.background}: must be auto, a count >= 0, a dark-frame "
                     "file or null",
                 ),
+                choice("background_mode", self.background_mode, BackgroundMode),
             ]
         )
 
@@ -592,6 +605,10 @@ def prepare(
         background = _binned(cut[None], options.bin)[0] * detector
     elif background is not None:
         background = np.full((size, size), background * options.bin**2, np.float32) * detector
+    subtracted = background is not None and options.background_mode == BackgroundMode.subtract
+    if subtracted:
+        diffraction = _subtract(diffraction, background, copy=identity)
+        background = None
     notes = {
         "frame": f,
         "window": window,
@@ -607,6 +624,7 @@ def prepare(
         "saturated_values": stats.saturated,
         "masked_pixels": int(size * size - (valid if valid.ndim == 2 else valid[0]).sum()),
         "background": background_origin,
+        "background_mode": str(options.background_mode),
         **position_notes,
         **frames.metadata,
     }
@@ -634,6 +652,15 @@ def _binned(values: np.ndarray, b: int) -> np.ndarray:
     k, w = values.shape[0], values.shape[1]
     blocks = values.reshape(k, w // b, b, w // b, b)
     return blocks.any(axis=(2, 4)) if values.dtype == bool else blocks.sum(axis=(2, 4))
+
+
+def _subtract(amplitudes: np.ndarray, background: np.ndarray, *, copy: bool) -> np.ndarray:
+    """``sqrt(max(a^2 - background, 0))``, chunk by chunk (in place unless ``copy``)."""
+    out = np.empty_like(amplitudes) if copy else amplitudes
+    for start in range(0, len(amplitudes), _CHUNK):
+        chunk = np.square(amplitudes[start : start + _CHUNK]) - background
+        np.sqrt(np.maximum(chunk, 0.0), out=out[start : start + _CHUNK])
+    return out
 
 
 def _patterns(frames, options, shift, corner, window, size):
@@ -692,6 +719,7 @@ def _log_preparation(name: str, notes: dict) -> None:
             notes["saturated_values"],
         )
     if notes["background"] != "none":
-        log.info("%s: background (modelled, not subtracted): %s", name, notes["background"])
+        how = "modelled" if notes["background_mode"] == "model" else "subtracted, clipped at 0"
+        log.info("%s: background (%s): %s", name, how, notes["background"])
     if "object_pixel_size_m" in notes:
         log.info("%s: object pixel %.4g m", name, notes["object_pixel_size_m"])

@@ -454,3 +454,28 @@ def test_a_nexus_raster_is_read_in_scan_order(small, tmp_path):
         f["entry_1/instrument_1/detector_1/data"] = counts.reshape(5, 5, 32, 32)
     scan = load_scan(tmp_path / "flat.nxs", probe=small.probe)
     np.testing.assert_allclose(scan.diffraction**2, counts, rtol=1e-6)
+
+
+def test_a_dark_frame_is_modelled_or_subtracted(small, tmp_path):
+    rng = np.random.default_rng(7)
+    dark = rng.uniform(1, 4, (32, 32)).astype(np.float32)
+    counts = np.round(small.diffraction**2) + rng.poisson(
+        np.broadcast_to(dark, small.diffraction.shape)
+    )
+    np.save(tmp_path / "dark.npy", dark)
+    path = npz(tmp_path / "dark.npz", small, np.sqrt(counts).astype(np.float32))
+    options = PrepareOptions(background=str(tmp_path / "dark.npy"), mask_hot_pixels=False)
+    modelled = load_scan(path, options=options)
+    np.testing.assert_allclose(modelled.diffraction**2, counts, rtol=1e-5)  # kept as measured
+    np.testing.assert_array_equal(modelled.background, dark)
+    np.testing.assert_allclose(
+        modelled.signal(range(3)) ** 2, np.maximum(counts[:3] - dark, 0), rtol=1e-5, atol=1e-4
+    )
+    options.background_mode = "subtract"
+    subtracted = load_scan(path, options=options)
+    assert subtracted.background is None
+    np.testing.assert_allclose(
+        subtracted.diffraction**2, np.maximum(counts - dark, 0), rtol=1e-5, atol=1e-4
+    )
+    constant = load_scan(path, options=PrepareOptions(background=2.5, mask_hot_pixels=False))
+    np.testing.assert_array_equal(constant.background, np.full((32, 32), 2.5))

@@ -244,7 +244,7 @@ def _frames_npz(path: Path) -> Frames:
 def _real_frames(frames, path: Path, key: str):
     """Check that ``frames`` are (M, F, F) real numbers (an array or an HDF5 dataset)."""
     if np.dtype(frames.dtype).kind not in "fiu":
-        raise ScanFileError(f"{path}: {key!r} must hold real numbers, got {frames.dtype}")
+        raise ScanFileError(f"{path}: {key!r}: expected real numbers, got {frames.dtype}")
     if frames.ndim != 3 or frames.shape[1] != frames.shape[2]:
         raise ScanFileError(f"{path}: {key!r} must be (M, N, N) patterns, got {frames.shape}")
     if isinstance(frames, np.ndarray):

@@ -56,7 +56,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 256  # frames per step: bounded temporaries whatever the frame size
+_CHUNK_PIXELS = 2**20  # pixels per step (4 MB of float32): bounded temporaries
+
+
+def _chunk(frame: int) -> int:
+    """Frames per step for frames of ``frame`` x ``frame`` pixels."""
+    return max(1, _CHUNK_PIXELS // (frame * frame))
 AUTO = "auto"
 PLANCK_TIMES_C = 6.62607015e-34 * 299792458.0  # J m
 ELECTRON_VOLT = 1.602176634e-19  # J
@@ -323,8 +328,9 @@ def _counts(frames: Frames, start: int, stop: int) -> tuple[np.ndarray, np.ndarr
 def _statistics(frames: Frames, saturation: float | None) -> _Statistics:
     m, f = len(frames.positions), frames.frames.shape[-1]
     total, bad, saturated, empty = np.zeros((f, f)), np.zeros((f, f), np.int64), 0, -1
-    for start in range(0, m, _CHUNK):
-        counts, unusable = _counts(frames, start, start + _CHUNK)
+    step = _chunk(f)
+    for start in range(0, m, step):
+        counts, unusable = _counts(frames, start, start + step)
         total += counts.sum(axis=0, dtype=np.float64)
         bad += unusable.sum(axis=0)
         if saturation is not None:
@@ -657,9 +663,10 @@ def _binned(values: np.ndarray, b: int) -> np.ndarray:
 def _subtract(amplitudes: np.ndarray, background: np.ndarray, *, copy: bool) -> np.ndarray:
     """``sqrt(max(a^2 - background, 0))``, chunk by chunk (in place unless ``copy``)."""
     out = np.empty_like(amplitudes) if copy else amplitudes
-    for start in range(0, len(amplitudes), _CHUNK):
-        chunk = np.square(amplitudes[start : start + _CHUNK]) - background
-        np.sqrt(np.maximum(chunk, 0.0), out=out[start : start + _CHUNK])
+    step = _chunk(amplitudes.shape[-1])
+    for start in range(0, len(amplitudes), step):
+        chunk = np.square(amplitudes[start : start + step]) - background
+        np.sqrt(np.maximum(chunk, 0.0), out=out[start : start + step])
     return out
 
 
@@ -670,8 +677,9 @@ def _patterns(frames, options, shift, corner, window, size):
     per_pattern = None
     row, col = corner
     crop = np.s_[:, row : row + window, col : col + window]
-    for start in range(0, m, _CHUNK):
-        counts, bad = _counts(frames, start, start + _CHUNK)
+    step = _chunk(frames.frames.shape[-1])
+    for start in range(0, m, step):
+        counts, bad = _counts(frames, start, start + step)
         if options.saturation is not None:
             bad |= counts >= options.saturation
             counts[bad] = 0.0

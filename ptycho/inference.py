@@ -279,12 +279,12 @@ def _batch_outputs(backend: str, with_background: bool = False):
     """The compiled second half of a batch: ``(objects (B, N, N, C) complex, predicted
     amplitudes (B, N, N, C), raw measured amplitudes (B, N, N, C), fractions (B C, 2),
     valid (B,) bool, weight (N + 1, N + 1), factor, background (N, N, 1) counts) ->
-    (windows, sums)``: the
-    patches placed for the stitcher (:func:`ptycho.stitch.place_patches`) and the sums
-    of ``| p - a |``, ``a``, the Poisson NLL and the pixels counted of each group, (B,
-    4), zero for padded rows, with ``a`` = raw * factor; raw pixels below 0 (masked)
-    count nowhere. ``with_background``: the prediction is ``sqrt(p^2 + background
-    factor^2)``, compared with the counts as measured."""
+    (windows, sums)``: the patches placed for the stitcher
+    (:func:`ptycho.stitch.place_patches`) and the sums of ``| p - a |``, ``a``, the
+    Poisson NLL and the pixels counted of each group, (B, 4), zero for padded rows, with
+    ``a`` = raw * factor; raw pixels below 0 (masked) count nowhere.
+    ``with_background``: the prediction is ``sqrt(p^2 + background factor^2)``, compared
+    with the counts as measured."""
 
     def finish(objects, predicted, raw, fractions, valid, weight, factor, background):
         n = tf.shape(objects)[1]

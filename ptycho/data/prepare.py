@@ -62,6 +62,8 @@ _CHUNK_PIXELS = 2**20  # pixels per step (4 MB of float32): bounded temporaries
 def _chunk(frame: int) -> int:
     """Frames per step for frames of ``frame`` x ``frame`` pixels."""
     return max(1, _CHUNK_PIXELS // (frame * frame))
+
+
 AUTO = "auto"
 PLANCK_TIMES_C = 6.62607015e-34 * 299792458.0  # J m
 ELECTRON_VOLT = 1.602176634e-19  # J

@@ -6,7 +6,6 @@ scalars in TensorBoard, ``refine.png`` and ground-truth metrics when the scan ha
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 from ptycho import figures
@@ -104,11 +103,6 @@ def refined_probe(
     options = RefineOptions(mode=RefineMode.full, iterations=iterations)
     # The probe moves from a third of the way at the latest (short runs too).
     options.probe_start = min(options.probe_start, max(1, iterations // 3))
-    if backend != "xla":  # positions need the xla warp; the probe does not
-        options = replace(options, mode=RefineMode.object)
-        log.warning(
-            "train.probe=refine with translate=%s: the probe is kept (refine=object)", backend
-        )
     log.info("train.probe=refine: refine=%s on the training scan first", options.mode)
     result = run(
         Scorer(scan),

@@ -81,6 +81,9 @@ def test_the_test_scan_spec_differs_only_where_test_fields_say():
         ("model.amplitude_activation=tanh", ConfigCompositionException),
         ("model.object_output=canvas", ConfigCompositionException),
         ("refine.loss=gauss", ConfigCompositionException),
+        ("outputs.format=tiff", ConfigCompositionException),
+        ("train.probe=guess", ConfigCompositionException),
+        ("data.background_mode=divide", ConfigCompositionException),
         ("translate=fast", MissingConfigException),  # no such config
     ],
 )
@@ -118,6 +121,10 @@ def test_the_composed_schema_refuses_unknown_keys():
         (["model.n=64", "data.n=128"], r"^data.n=128 but model.n=64: .* set model.n=128"),
         (["translate=legacy", "compile=graph", "refine=positions"], "use translate=xla"),
         (["distribute.cpu_devices=-1"], r"^distribute.cpu_devices=-1: must be >= 0$"),
+        (
+            ["translate=legacy", "compile=graph", "train.probe=refine"],
+            r"^train.probe=refine runs refine=full, .* use translate=xla, or give data.probe_path",
+        ),
     ],
 )
 def test_each_rule_is_one_config_error_naming_the_field(overrides, match):

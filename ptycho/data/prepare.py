@@ -391,8 +391,11 @@ def _background(frames: Frames, options: PrepareOptions, f: int) -> tuple[Any, s
         raise ValueError(
             f"data.background: the dark frame is {dark.shape} but the frames are {f} x {f}"
         )
-    if not np.isfinite(dark).all():
-        raise ValueError("data.background: the dark frame holds NaN or Inf")
+    if not np.isfinite(dark).all() or (dark < 0).any():
+        raise ValueError(
+            "data.background: the dark frame holds NaN, Inf or negative counts; give mean "
+            "dark counts per pixel (>= 0)"
+        )
     return dark, f"dark frame ({'the file' if value == AUTO else value}, mean {dark.mean():.3g})"
 
 

@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ptycho import figures  # noqa: E402
 from ptycho.data import load_scan  # noqa: E402
 from ptycho.data.beamline import BeamlineSpec, write_beamline  # noqa: E402
 from ptycho.refine import RefineOptions, Refiner  # noqa: E402
@@ -67,6 +68,24 @@ def truth_scores(scorer: Scorer, obj: np.ndarray) -> dict:
     return {key: scores[key] for key in ("amp_ssim", "phase_ssim", "amp_psnr", "phase_psnr")}
 
 
+def save_figure(scorer: Scorer, reconstruction: Path, path: Path) -> None:
+    """Truth / reconstruction / error of a run of the preset file (the truth's frame)."""
+    with np.load(reconstruction) as saved:
+        obj, mask = saved["obj"], saved["mask"]
+    frame = np.zeros(scorer.scan.object.shape, np.complex64)
+    covered = np.zeros(frame.shape, bool)
+    height, width = (min(a, b) for a, b in zip(frame.shape, obj.shape, strict=True))
+    frame[:height, :width], covered[:height, :width] = obj[:height, :width], mask[:height, :width]
+    figures.save_reconstruction_png(
+        frame,
+        covered,
+        path,
+        title="preset.cxi, every default (data.crop=128), infer.py refine=full",
+        values=truth_scores(scorer, frame),
+        comparison=scorer.compare(frame),
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="append one JSON line per run here")
@@ -74,6 +93,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-network", action="store_true")
     parser.add_argument("--dark", type=float, default=BeamlineSpec.dark)
     parser.add_argument("--keep", type=Path, help="keep the files and runs in this folder")
+    parser.add_argument(
+        "--figure", type=Path, help="write the defaults' refinement against the truth here"
+    )
     args = parser.parse_args(argv)
     folder = args.keep or Path(tempfile.mkdtemp(prefix="ptycho-measured-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,6 +131,9 @@ def main(argv=None) -> None:
         run_dir = folder / case.replace(", ", "_").replace(" ", "-")
         metrics = entry_point("infer.py", run_dir, *overrides, "refine=full")
         record(case, "refine=full", metrics, run_dir / "reconstruction.npz")
+
+    if args.figure:
+        save_figure(scorer, folder / "preset_defaults" / "reconstruction.npz", args.figure)
 
     # The dark's own noise on the ideal counts, modelled exactly: the floor.
     prepared = load_scan(folder / "preset.cxi", n=spec.n)

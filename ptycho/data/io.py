@@ -85,7 +85,7 @@ def load_scan(
     ------
     ScanFileError
         The file is missing, unreadable, corrupt, lacks a required key, or its
-        contents fail the checks; the message starts with the path.
+        contents fail the checks; the message starts with ``name`` (or the path).
     """
     path = Path(path)
     suffix = _suffix(path)

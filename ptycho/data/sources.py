@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ptycho.data.grouping import Grouping, group_positions
-from ptycho.data.io import load_probe, load_scan
+from ptycho.data.io import ScanFileError, load_probe, load_scan
 from ptycho.data.prepare import PrepareOptions
 from ptycho.data.scan import Scan
 from ptycho.data.simulate import SimulationSpec, simulate
@@ -170,7 +170,12 @@ def load_test_scan(options: DataOptions, n: int | None = None) -> Scan:
 
 
 def _load_file(options: DataOptions, key: str, n: int | None) -> Scan:
-    probe = load_probe(options.probe_path) if options.probe_path else None
+    probe = None
+    if options.probe_path:
+        try:
+            probe = load_probe(options.probe_path)
+        except ScanFileError as error:
+            raise ScanFileError(f"data.probe_path={error}") from error
     prepare = PrepareOptions(**{f.name: getattr(options, f.name) for f in fields(PrepareOptions)})
     return load_scan(
         getattr(options, key),

@@ -115,6 +115,8 @@ class BeamlineScan:
 
 
 def simulate_beamline(spec: BeamlineSpec | None = None) -> BeamlineScan:
+    """The preset's detector counts, translations, mask, dark frame and probe guess, and
+    the ideal scan of the same signal counts (module docstring)."""
     spec = spec or BeamlineSpec()
     n, f = spec.n, spec.frame
     rng = np.random.default_rng(spec.seed)

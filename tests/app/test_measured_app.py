@@ -43,14 +43,14 @@ def truth_ssim(ideal, run_dir) -> float:
 
 
 def infer(run_dir, *overrides):
-    config = make_config("infer", ["data=npz", "refine=full", "refine.iterations=20", *overrides])
+    config = make_config("infer", ["refine=full", "refine.iterations=20", *overrides])
     return app.infer(config, run_dir)
 
 
 def test_a_beamline_file_reconstructs_as_well_as_its_ideal_version(preset, tmp_path):
     folder, scan = preset
-    cxi = [f"data.path={folder / 'preset.cxi'}", "data.crop=64"]
-    infer(tmp_path / "ideal", f"data.path={folder / 'preset_ideal.npz'}")
+    cxi = ["data=cxi", f"data.path={folder / 'preset.cxi'}", "data.crop=64"]
+    infer(tmp_path / "ideal", "data=npz", f"data.path={folder / 'preset_ideal.npz'}")
     infer(tmp_path / "file", *cxi, "outputs.format=ptychodus")
     infer(
         tmp_path / "raw",
@@ -75,7 +75,7 @@ def test_a_beamline_file_reconstructs_as_well_as_its_ideal_version(preset, tmp_p
 def test_the_refined_probe_feeds_training(preset, tmp_path):
     folder, _ = preset
     data = ["data=npz", f"data.path={folder / 'preset.cxi'}", "data.crop=64"]
-    infer(tmp_path / "refined", *data[1:])
+    infer(tmp_path / "refined", *data)
     refined = tmp_path / "refined" / "reconstruction.npz"
     train = ["debug=smoke", "compile=graph", *data]
     app.train(make_config(overrides=[*train, f"data.probe_path={refined}"]), tmp_path / "given")

@@ -59,12 +59,17 @@ def entry_point(script: str, run_dir: Path, *overrides: str) -> dict:
     return metrics
 
 
+def in_truth_frame(scorer: Scorer, image: np.ndarray) -> np.ndarray:
+    """``image`` padded with zeros or cut to the truth's shape (the same frame)."""
+    frame = np.zeros(scorer.scan.object.shape, image.dtype)
+    height, width = (min(a, b) for a, b in zip(frame.shape, image.shape, strict=True))
+    frame[:height, :width] = image[:height, :width]
+    return frame
+
+
 def truth_scores(scorer: Scorer, obj: np.ndarray) -> dict:
-    """Ground-truth metrics of ``obj`` in the truth's frame (padded or cut to its shape)."""
-    frame = np.zeros(scorer.scan.object.shape, np.complex64)
-    height, width = (min(a, b) for a, b in zip(frame.shape, obj.shape, strict=True))
-    frame[:height, :width] = obj[:height, :width]
-    scores = scorer.truth(frame)
+    """Ground-truth metrics of ``obj`` in the truth's frame."""
+    scores = scorer.truth(in_truth_frame(scorer, obj.astype(np.complex64)))
     return {key: scores[key] for key in ("amp_ssim", "phase_ssim", "amp_psnr", "phase_psnr")}
 
 
@@ -72,10 +77,8 @@ def save_figure(scorer: Scorer, reconstruction: Path, path: Path) -> None:
     """Truth / reconstruction / error of a run of the preset file (the truth's frame)."""
     with np.load(reconstruction) as saved:
         obj, mask = saved["obj"], saved["mask"]
-    frame = np.zeros(scorer.scan.object.shape, np.complex64)
-    covered = np.zeros(frame.shape, bool)
-    height, width = (min(a, b) for a, b in zip(frame.shape, obj.shape, strict=True))
-    frame[:height, :width], covered[:height, :width] = obj[:height, :width], mask[:height, :width]
+    frame = in_truth_frame(scorer, obj.astype(np.complex64))
+    covered = in_truth_frame(scorer, mask)
     figures.save_reconstruction_png(
         frame,
         covered,

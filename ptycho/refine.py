@@ -382,12 +382,12 @@ class Refiner:
             return amplitude_loss(intensity, counts)
         return poisson_loss(intensity, counts, self.options.truncation)
 
-    def _counted(self, index, term):
-        """``term`` (B, N, N) with the masked pixels of positions ``index`` zeroed."""
+    def _weight(self, index):
+        """1 for the pixels of positions ``index`` that count, 0 for masked ones ((N, N)
+        or (B, N, N)); None when every pixel counts."""
         if self.valid is None:
-            return term
-        weight = self.valid if self.valid.shape.rank == 2 else tf.gather(self.valid, index)
-        return term * weight
+            return None
+        return self.valid if self.valid.shape.rank == 2 else tf.gather(self.valid, index)
 
     def _forward_impl(self, index):
         """Per position of the minibatch (B, 6): sums of the loss, the Poisson NLL,
@@ -406,9 +406,10 @@ class Refiner:
             intensity,
             counts if self.background is None else counts - self.background,
         ]
-        return tf.stack(
-            [tf.reduce_sum(self._counted(index, term), axis=(1, 2)) for term in terms], axis=1
-        )
+        weight = self._weight(index)
+        if weight is not None:
+            terms = [term * weight for term in terms]
+        return tf.stack([tf.reduce_sum(term, axis=(1, 2)) for term in terms], axis=1)
 
     def gradients(self, index, canvas=None, probe=None, *, wrt=("canvas", "probe", "positions")):
         """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
@@ -426,9 +427,9 @@ class Refiner:
         with tf.GradientTape() as tape:
             tape.watch([sources[name] for name in wrt])
             patches = self._patches(canvas, indices, fraction)
-            loss = tf.reduce_sum(
-                self._counted(index, self._loss(self._intensity(probe, patches), counts))
-            )
+            loss = self._loss(self._intensity(probe, patches), counts)
+            weight = self._weight(index)
+            loss = tf.reduce_sum(loss if weight is None else loss * weight)
             if options.smoothness:
                 share = tf.cast(tf.shape(index)[0], tf.float32) / self.scan.n_positions
                 loss += options.smoothness * share * _roughness(canvas)

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ptycho.data.scan import Scan
+from ptycho.data.scan import Scan, without_background
 from ptycho.errors import choice, require
 
 __all__ = [
@@ -444,25 +444,20 @@ def _positions(frames: Frames, n: int, window: int, f: int, name: str) -> tuple:
     """(x, y, notes): positions in object pixels, placed in the frame."""
     x, y = (np.asarray(frames.positions[:, k], np.float64) for k in (0, 1))
     notes = {}
+    if frames.geometry is not None:
+        notes["object_pixel_size_m"] = frames.geometry.object_pixel(window)
+        notes["distance_m"] = frames.geometry.distance
+        notes["energy_ev"] = frames.geometry.energy_ev
     if frames.units == "metres":
         if frames.geometry is None:
             raise ValueError(
                 f"{name}: positions are in metres but the file has no geometry (energy, "
                 "distance, detector pixel) to convert them"
             )
-        pixel = frames.geometry.object_pixel(window)
         sign = -1.0 if frames.sample_translation else 1.0
-        x, y = sign * x / pixel, sign * y / pixel
-        notes["object_pixel_size_m"] = pixel
+        x, y = (sign * v / notes["object_pixel_size_m"] for v in (x, y))
     elif window != f:  # pixels of the whole frame's sampling -> the window's
         x, y = x * window / f, y * window / f
-        if frames.geometry is not None:
-            notes["object_pixel_size_m"] = frames.geometry.object_pixel(window)
-    elif frames.geometry is not None:
-        notes["object_pixel_size_m"] = frames.geometry.object_pixel(window)
-    if frames.geometry is not None:
-        notes["distance_m"] = frames.geometry.distance
-        notes["energy_ev"] = frames.geometry.energy_ev
     if frames.units == "pixels" and np.ptp(x) + np.ptp(y) < 1e-2 and len(x) > 1:
         raise ValueError(
             f"{name}: the positions span {np.ptp(x):.2g} x {np.ptp(y):.2g} object pixels: "
@@ -670,8 +665,7 @@ def _subtract(amplitudes: np.ndarray, background: np.ndarray, *, copy: bool) -> 
     out = np.empty_like(amplitudes) if copy else amplitudes
     step = _chunk(amplitudes.shape[-1])
     for start in range(0, len(amplitudes), step):
-        chunk = np.square(amplitudes[start : start + step]) - background
-        np.sqrt(np.maximum(chunk, 0.0), out=out[start : start + step])
+        out[start : start + step] = without_background(amplitudes[start : start + step], background)
     return out
 
 

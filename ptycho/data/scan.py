@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Scan", "coordinates"]
+__all__ = ["Scan", "coordinates", "without_background"]
 
 _CHUNK = 1024  # patterns per validation chunk: bounded temporaries on large scans
 
@@ -22,6 +22,12 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def without_background(amplitudes: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """``sqrt(max(a^2 - background, 0))``: amplitudes with the background counts taken
+    out (clipped at zero)."""
+    return np.sqrt(np.maximum(np.square(amplitudes) - background, 0.0))
 
 
 def coordinates(values, m: int, name: str) -> np.ndarray:
@@ -225,7 +231,7 @@ class Scan:
         amplitudes = self.diffraction[np.asarray(indices)]
         if self.background is None:
             return amplitudes
-        return np.sqrt(np.maximum(amplitudes**2 - self.background, 0.0))
+        return without_background(amplitudes, self.background)
 
     def valid_pixels(self, indices) -> np.ndarray | None:
         """(len(indices), N, N) bool: the pixels that count in patterns ``indices``

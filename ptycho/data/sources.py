@@ -176,11 +176,10 @@ def _load_file(options: DataOptions, key: str, n: int | None) -> Scan:
             probe = load_probe(options.probe_path)
         except ScanFileError as error:
             raise ScanFileError(f"data.probe_path={error}") from error
-    prepare = PrepareOptions(**{f.name: getattr(options, f.name) for f in fields(PrepareOptions)})
     return load_scan(
         getattr(options, key),
         probe=probe,
-        options=prepare,
+        options=options,
         n=n,
         name=f"data.{key}={getattr(options, key)}",
     )

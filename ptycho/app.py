@@ -30,7 +30,7 @@ from ptycho.config import (
     check_infer,
     check_train,
 )
-from ptycho.data import DataSource, Scans, load_scans, load_test_scan, save_scan
+from ptycho.data import DataSource, Scan, Scans, load_scans, load_test_scan, save_scan
 from ptycho.distribute import Distribution, make_distribution
 from ptycho.errors import DataError
 from ptycho.hardware import CompileStages, compile_hint, has_gpu, resolve_compile
@@ -65,6 +65,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
     started = time.perf_counter()
 
     scans = load_scans(config.data, config.model.n)
+    _check_modes(config, scans.train)
     model_config = _model_config(config, scans, stages.train)
     groups = config.data.groups(scans.train, config.model.gridsize)
     jit_on_cpu = stages.train == "jit" and not has_gpu()
@@ -136,6 +137,7 @@ def infer(config: InferConfig, run_dir: Path) -> dict:
     backend = config.translate.backend
     model = checkpoints.load_trained(config.checkpoint, backend) if config.checkpoint else None
     scan = load_test_scan(config.data, model_geometry(model)[0] if model else None)
+    _check_modes(config, scan)
     started = time.perf_counter()
     scorer = Scorer(scan, config.metrics)
     network = None
@@ -214,6 +216,19 @@ def _save_inputs(scans: Scans, run_dir: Path) -> None:
         save_scan(scans.test, run_dir / "test_scan.npz")
 
 
+def _check_modes(config: RunConfig, scan: Scan) -> None:
+    """The probe modes asked for against the data's probe (:class:`DataError`, one line,
+    before anything is written): the network's (training) and the refinement's."""
+    try:
+        if isinstance(config, TrainConfig) and config.train.probe != fit.ProbeSource.refine:
+            config.model.check_modes(scan.probe_modes)
+        if config.refine.mode != RefineMode.off:
+            config.refine.check_modes(scan.probe_modes)
+    except ValueError as error:
+        source = config.data.path or config.data.probe_path or "data"
+        raise DataError(f"{source}: {error}") from error
+
+
 def _model_config(config: TrainConfig, scans: Scans, compile_mode: str) -> ModelConfig:
     """The model section with its precision resolved and N the data's when unset."""
     n = scans.train.n
@@ -235,6 +250,7 @@ def _training_probe(config: TrainConfig, scans: Scans, compile_mode: str, writer
     train, _ = refine.refined_probe(
         scans.train,
         config.train.probe_iterations,
+        modes=config.model.probe_modes,
         backend=config.translate.backend,
         compile_mode=compile_mode,
         writer=writer,

@@ -91,9 +91,9 @@ def _check_scan(model: keras.Model, scan: Scan) -> tuple[int, int]:
             f"N = {n}; use a checkpoint trained at N = {scan.n}"
         )
     probe = model.get_layer("illumination").n
-    if probe != scan.probe.shape[0]:
+    if probe != scan.probe.shape[-1]:
         raise ScanMismatch(
-            f"the scan's probe is {scan.probe.shape}, the model's is ({probe}, {probe})"
+            f"the scan's probe is {scan.probe.shape[-2:]}, the model's is ({probe}, {probe})"
         )
     if scan.n_positions < gridsize * gridsize:
         raise ScanMismatch(

@@ -285,20 +285,29 @@ WARPING_LAYERS = (Translation, ReassemblePatches, CutPatches)
 
 @keras.saving.register_keras_serializable(package="ptycho")
 class Illumination(keras.layers.Layer):
-    """Exit waves ``P * O``: multiply (B, N, N, C) object patches by the probe.
+    """Exit waves ``P_k * O``: multiply (B, N, N, C) object patches by the probe's K
+    modes, (B, N, N, C K) complex (the K modes of channel c together; K = 1: (B, N, N,
+    C)).
 
-    The probe is a weight (real and imaginary parts), trainable or fixed; it is saved
-    with the model. ``mask_radius`` (fraction of N) multiplies it by a circular support.
+    The probe is a weight (real and imaginary parts, (N, N) or (K, N, N)), trainable or
+    fixed; it is saved with the model. ``mask_radius`` (fraction of N) multiplies it by
+    a circular support.
     """
 
     def __init__(
-        self, n: int, trainable_probe: bool = False, mask_radius: float | None = None, **kwargs
+        self,
+        n: int,
+        trainable_probe: bool = False,
+        mask_radius: float | None = None,
+        modes: int = 1,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.n = int(n)
+        self.modes = int(modes)
         self.trainable_probe = bool(trainable_probe)
         self.mask_radius = None if mask_radius is None else float(mask_radius)
-        shape = (self.n, self.n)
+        shape = (self.n, self.n) if self.modes == 1 else (self.modes, self.n, self.n)
         self.probe_real = self.add_weight(
             name="probe_real", shape=shape, initializer="zeros", trainable=self.trainable_probe
         )
@@ -314,24 +323,33 @@ class Illumination(keras.layers.Layer):
 
     def set_probe(self, probe) -> None:
         probe = np.asarray(probe, np.complex64)
-        if probe.shape != (self.n, self.n):
-            raise ValueError(f"probe must have shape ({self.n}, {self.n}), got {probe.shape}")
+        if probe.shape != tuple(self.probe_real.shape):
+            raise ValueError(
+                f"probe must have shape {tuple(self.probe_real.shape)}, got {probe.shape}"
+            )
         self.probe_real.assign(probe.real)
         self.probe_imag.assign(probe.imag)
 
     @property
     def probe(self) -> tf.Tensor:
-        """(N, N) complex64, masked."""
+        """(N, N) or (K, N, N) complex64, masked."""
         real, imag = self.probe_real, self.probe_imag
         if self.mask is not None:
             real, imag = real * self.mask, imag * self.mask
         return tf.complex(tf.convert_to_tensor(real), tf.convert_to_tensor(imag))
 
     def call(self, patches):
-        return tf.cast(patches, tf.complex64) * self.probe[None, :, :, None]
+        patches = tf.cast(patches, tf.complex64)
+        if self.modes == 1:
+            return patches * self.probe[None, :, :, None]
+        modes = tf.transpose(self.probe, (1, 2, 0))  # (N, N, K)
+        waves = patches[..., None] * modes[None, :, :, None, :]  # (B, N, N, C, K)
+        shape = tf.shape(patches)
+        return tf.reshape(waves, [shape[0], shape[1], shape[2], shape[3] * self.modes])
 
     def compute_output_spec(self, patches):
-        return keras.KerasTensor(patches.shape, dtype="complex64")
+        channels = None if patches.shape[-1] is None else patches.shape[-1] * self.modes
+        return keras.KerasTensor((*patches.shape[:-1], channels), dtype="complex64")
 
     def get_config(self) -> dict:
         return {
@@ -339,18 +357,37 @@ class Illumination(keras.layers.Layer):
             "n": self.n,
             "trainable_probe": self.trainable_probe,
             "mask_radius": self.mask_radius,
+            "modes": self.modes,
         }
 
 
 @keras.saving.register_keras_serializable(package="ptycho")
 class FarFieldAmplitude(keras.layers.Layer):
-    """``|fftshift(fft2(x)) / N|`` per channel: (B, N, N, C) complex -> float32."""
+    """``|fftshift(fft2(x)) / N|`` per channel: (B, N, N, C) complex -> float32. With
+    ``modes`` K > 1 the input holds K modes per channel (:class:`Illumination`) and the
+    amplitude is ``sqrt(sum_k |.|^2)``, (B, N, N, C / K): the modes add incoherently."""
+
+    def __init__(self, modes: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.modes = int(modes)
 
     def call(self, exit_waves):
-        return far_field_amplitude_tf(exit_waves)
+        amplitudes = far_field_amplitude_tf(exit_waves)
+        if self.modes == 1:
+            return amplitudes
+        shape = tf.shape(amplitudes)
+        per_mode = tf.reshape(amplitudes, [shape[0], shape[1], shape[2], -1, self.modes])
+        # The tiny term keeps the gradient finite (0) where every mode is dark.
+        return tf.sqrt(tf.reduce_sum(per_mode**2, axis=-1) + 1e-30)
 
     def compute_output_spec(self, exit_waves):
-        return keras.KerasTensor(exit_waves.shape, dtype="float32")
+        channels = exit_waves.shape[-1]
+        if channels is not None:
+            channels //= self.modes
+        return keras.KerasTensor((*exit_waves.shape[:-1], channels), dtype="float32")
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "modes": self.modes}
 
 
 @keras.saving.register_keras_serializable(package="ptycho")

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ptycho import probes
 from ptycho.errors import choice, require
 from ptycho.hardware import CompileMode, resolve_precision, run_mode
 from ptycho.layers import (
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 PATTERN_SIZES = (64, 128, 256)
+INITIAL_MODE_POWER = 0.1
+"""Fraction of the power the modes a trainable probe adds start with."""
 
 
 class AmplitudeActivation(StrEnum):
@@ -100,6 +103,12 @@ class ModelConfig:
     ``|O|`` in (0, 1) but saturates at 1, where training can stall for good."""
     probe_trainable: bool = False
     """Refine the probe with the network."""
+    probe_modes: int | None = None
+    """K mutually incoherent probe modes in the physics (the patterns the sum of their
+    intensities; the CNN is unchanged); null: the probe's own (a refined run's
+    ``reconstruction.npz`` through ``data.probe_path`` carries its modes). More modes
+    than the probe has are started from it (:func:`ptycho.probes.initial_modes`), which
+    needs ``probe_trainable``."""
     probe_mask_radius: float | None = None
     """Circular probe support, fraction of N (null: no mask)."""
     canvas_pad: int | None = None
@@ -133,6 +142,10 @@ class ModelConfig:
                 choice("object_output", self.object_output, ObjectOutput),
                 choice("precision", self.precision, Precision),
                 (self.gridsize >= 1, f"gridsize={self.gridsize}: must be >= 1"),
+                (
+                    self.probe_modes is None or self.probe_modes >= 1,
+                    f"probe_modes={self.probe_modes}: must be >= 1, or null (the probe's)",
+                ),
                 (self.filters >= 1, f"filters={self.filters}: must be >= 1"),
                 (
                     self.probe_mask_radius is None or 0 < self.probe_mask_radius,
@@ -151,6 +164,28 @@ class ModelConfig:
         compile mode the network will run under, and ``n`` the data's when unset."""
         precision = Precision(resolve_precision(self.precision, compile_mode))
         return replace(self, precision=precision, n=self.n or n)
+
+    def check_modes(self, probe_modes: int) -> None:
+        """``ValueError`` (one line, the fix) when a probe of ``probe_modes`` modes
+        cannot give the ``probe_modes`` asked for."""
+        wanted = self.probe_modes or probe_modes
+        require(
+            [
+                (
+                    probe_modes in (1, wanted),
+                    f"model.probe_modes={wanted} but the probe has {probe_modes} modes: set "
+                    f"model.probe_modes={probe_modes} (or null), or give a probe of {wanted} "
+                    "modes",
+                ),
+                (
+                    probe_modes == wanted or self.probe_trainable,
+                    f"model.probe_modes={wanted} starts {wanted - 1} new modes from a single "
+                    "probe, which only a trainable probe can fit: set "
+                    "model.probe_trainable=true, or give data.probe_path a probe of "
+                    f"{wanted} modes (a refined run's, refine.probe_modes={wanted})",
+                ),
+            ]
+        )
 
     @property
     def channels(self) -> int:
@@ -322,7 +357,7 @@ def build_model(
     ----------
     config : ModelConfig
         With a concrete precision (:meth:`ModelConfig.resolved`).
-    probe : (N, N) complex
+    probe : (N, N) complex, or (K, N, N) modes
         Initial probe (fixed unless ``config.probe_trainable``).
     norm_factor : float
         Dataset normalisation factor (:func:`ptycho.data.normalisation_factor` of the
@@ -344,8 +379,16 @@ def build_model(
     probe = np.asarray(probe, np.complex64)
     config = _checked(replace(config, n=config.n or probe.shape[-1]))  # n null: the probe's
     n, c = config.n, config.channels
-    if probe.shape != (n, n):
-        raise ValueError(f"probe must be ({n}, {n}) for model.n={n}, got {probe.shape}")
+    if probe.shape[-2:] != (n, n) or probe.ndim not in (2, 3):
+        raise ValueError(
+            f"probe must be ({n}, {n}) or (K, {n}, {n}) for model.n={n}, got {probe.shape}"
+        )
+    modes = probes.as_modes(probe)
+    config.check_modes(len(modes))
+    k = config.probe_modes or len(modes)
+    if k != len(modes):
+        modes = probes.initial_modes(modes[0], k, INITIAL_MODE_POWER)
+    probe = probes.squeezed(modes)
 
     diffraction = keras.Input((n, n, c), name="diffraction")
     inputs = {"diffraction": diffraction}
@@ -371,9 +414,10 @@ def build_model(
         n,
         trainable_probe=config.probe_trainable,
         mask_radius=config.probe_mask_radius,
+        modes=k,
         name="illumination",
     )
-    far = FarFieldAmplitude(name="far_field")(illumination(patches))
+    far = FarFieldAmplitude(modes=k, name="far_field")(illumination(patches))
     predicted = IntensityScale(initial_log_scale(probe, n), name="amplitude")(far)
     intensity = keras.layers.Multiply(name="intensity")([predicted, predicted])
     illumination.set_probe(probe)

@@ -50,6 +50,7 @@ from enum import StrEnum
 import numpy as np
 import tensorflow as tf
 
+from ptycho import probes
 from ptycho.data.scan import Scan
 from ptycho.errors import choice, require
 from ptycho.hardware import compiled
@@ -63,6 +64,7 @@ __all__ = [
     "RefineOptions",
     "RefineResult",
     "Refiner",
+    "Subpixel",
     "amplitude_loss",
     "poisson_loss",
 ]
@@ -82,6 +84,11 @@ class RefineLoss(StrEnum):
     amplitude = "amplitude"
 
 
+class Subpixel(StrEnum):
+    fourier = "fourier"
+    bilinear = "bilinear"
+
+
 @dataclass
 class RefineOptions:
     """The ``refine`` section: physics refinement after the network, or alone."""
@@ -97,6 +104,19 @@ class RefineOptions:
     """Positions per compiled step."""
     loss: RefineLoss = RefineLoss.poisson
     """``poisson`` (counts) or ``amplitude`` (Gaussian on ``sqrt(counts)``)."""
+    subpixel: Subpixel = Subpixel.fourier
+    """Sub-pixel positions: ``fourier`` (the object's integer window, the remainder
+    applied to the probe by an exact Fourier shift) or ``bilinear`` (the window
+    shifted by the project's warp, ``translate``)."""
+    probe_modes: int | None = None
+    """K mutually incoherent probe modes (partial coherence; patterns are the sum of
+    the modes' intensities); null: the probe's own (1 for one probe). More modes than
+    the probe has are started from it (:func:`ptycho.probes.initial_modes`), which
+    needs ``mode=full``."""
+    mode_power: float = 0.1
+    """Fraction of the power the added modes carry at the start."""
+    orthogonalise_every: int = 5
+    """Iterations between orthogonalisations of the modes (sorted by power)."""
     step: float = 1.0
     """Object step, in units of the preconditioned (Gauss-Newton) step."""
     final_step: float = 0.02
@@ -117,9 +137,9 @@ class RefineOptions:
     """Pixels, per step."""
     max_position_correction: float = 8.0
     """Pixels, in all."""
-    probe_start: int = 10
+    probe_start: int = 3
     """First iteration that updates the probe (``mode=full``)."""
-    probe_step: float = 1.0
+    probe_step: float = 2.0
     """Probe step, in units of its preconditioned step."""
     eval_every: int = 5
     """Iterations between progress points (terminal, TensorBoard, ``refine.png``)."""
@@ -132,6 +152,16 @@ class RefineOptions:
             [
                 choice("mode", self.mode, RefineMode),
                 choice("loss", self.loss, RefineLoss),
+                choice("subpixel", self.subpixel, Subpixel),
+                (
+                    self.probe_modes is None or self.probe_modes >= 1,
+                    f"probe_modes={self.probe_modes}: must be >= 1, or null (the probe's)",
+                ),
+                (0 < self.mode_power < 1, f"mode_power={self.mode_power}: must be in (0, 1)"),
+                (
+                    self.orthogonalise_every >= 1,
+                    f"orthogonalise_every={self.orthogonalise_every}: must be >= 1",
+                ),
                 (self.iterations >= 1, f"iterations={self.iterations}: must be >= 1"),
                 (
                     self.max_seconds is None or self.max_seconds > 0,
@@ -168,15 +198,40 @@ class RefineOptions:
     def refines_probe(self) -> bool:
         return self.mode == RefineMode.full
 
-    def check_backend(self, backend: str) -> None:
-        """The rule of modes and warps: moving positions needs the offsets' gradient,
-        which the legacy warp does not have (``ValueError`` naming the fix)."""
+    def check_modes(self, probe_modes: int) -> None:
+        """``ValueError`` (one line, the fix) when a probe of ``probe_modes`` modes
+        cannot give the ``probe_modes`` asked for."""
+        wanted = self.probe_modes or probe_modes
         require(
             [
                 (
-                    backend != Backend.legacy or not self.refines_positions,
-                    f"refine={self.mode} moves the scan positions through the warp's offset "
-                    "gradient, which translate=legacy does not have: use translate=xla, or "
+                    probe_modes in (1, wanted),
+                    f"refine.probe_modes={wanted} but the probe has {probe_modes} modes: set "
+                    f"refine.probe_modes={probe_modes} (or null), or give a probe of {wanted} "
+                    "modes",
+                ),
+                (
+                    probe_modes == wanted or self.refines_probe,
+                    f"refine.probe_modes={wanted} starts {wanted - 1} new modes from a single "
+                    f"probe, which only refine=full refines (refine={self.mode}): use "
+                    f"refine=full, or give data.probe_path a probe of {wanted} modes",
+                ),
+            ]
+        )
+
+    def check_backend(self, backend: str) -> None:
+        """The rule of modes and warps: moving positions through the warp
+        (``subpixel=bilinear``) needs the offsets' gradient, which the legacy warp does
+        not have (``ValueError`` naming the fix)."""
+        require(
+            [
+                (
+                    backend != Backend.legacy
+                    or not self.refines_positions
+                    or self.subpixel != Subpixel.bilinear,
+                    f"refine={self.mode} with refine.subpixel=bilinear moves the scan "
+                    "positions through the warp's offset gradient, which translate=legacy "
+                    "does not have: use refine.subpixel=fourier, translate=xla, or "
                     "refine=object",
                 )
             ]
@@ -220,6 +275,11 @@ def _roughness(canvas):
     return tf.reduce_sum(across**2) + tf.reduce_sum(down**2)
 
 
+def _fft_order(array: np.ndarray) -> np.ndarray:
+    """float32 ``array`` (..., N, N) with its zero frequency moved to the corner."""
+    return np.fft.ifftshift(np.asarray(array, np.float32), axes=(-2, -1))
+
+
 def _cosine(step: float, final: float, fraction: float) -> float:
     return step * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0))))
 
@@ -257,7 +317,8 @@ class Refiner:
         if options.mode == RefineMode.off:
             raise ValueError("mode=off: nothing to refine")
         options.check_backend(backend)
-        check_compilable(backend, compile_mode)
+        if options.subpixel == Subpixel.bilinear:
+            check_compilable(backend, compile_mode)
         self.scan, self.options, self.backend = scan, options, backend
         n, m = scan.n, scan.n_positions
         self.n = n
@@ -293,13 +354,15 @@ class Refiner:
             inner[filled] = initial[filled]
         self.canvas = tf.Variable(np.stack([start.real, start.imag], -1).astype(np.float32))
         self.velocity = tf.Variable(tf.zeros_like(self.canvas))
-        self.counts = tf.constant(np.square(scan.diffraction, dtype=np.float32))
+        # The counts, background and mask are kept in the FFT's order (zero frequency in
+        # the corner), so the far field needs no fftshift: sums are order-free.
+        self.counts = tf.constant(_fft_order(np.square(scan.diffraction, dtype=np.float32)))
         # Counts ~ Poisson(I + background): the dark counts are part of the model.
         self.background = (
-            None if scan.background is None else tf.constant(scan.background, tf.float32)
+            None if scan.background is None else tf.constant(_fft_order(scan.background))
         )
         # Masked pixels (Scan.valid False) count in no sum: weight 0.
-        self.valid = None if scan.valid is None else tf.constant(scan.valid, tf.float32)
+        self.valid = None if scan.valid is None else tf.constant(_fft_order(scan.valid))
         if scan.valid is None:
             self.pixels = m * n * n
         else:
@@ -309,8 +372,11 @@ class Refiner:
         )
         self.correction = tf.Variable(tf.zeros((m, 2)))
         self.position_rms = tf.Variable(tf.zeros((m,)))
-        probe = np.asarray(scan.probe, np.complex64)
-        self.probe = tf.Variable(np.stack([probe.real, probe.imag], -1).astype(np.float32))
+        modes = self._starting_modes(scan.probe, options)
+        self.modes = len(modes)
+        self.probe = tf.Variable(np.stack([modes.real, modes.imag], -1).astype(np.float32))
+        # Frequencies (cycles per pixel) of the probe's Fourier shift (subpixel=fourier).
+        self.frequencies = tf.constant(np.fft.fftfreq(n).astype(np.float32))
         # The counts' scale s (photons per unit |Psi|^2) is folded into the probe: fitted
         # once so that the starting object predicts the measured total (below).
         self.probe_units = 1.0
@@ -337,40 +403,78 @@ class Refiner:
     # The forward model on a minibatch
     # ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _starting_modes(probe, options: RefineOptions) -> np.ndarray:
+        """(K, N, N) complex64 modes: the probe's own, or more started from its first."""
+        modes = probes.as_modes(np.asarray(probe, np.complex64))
+        options.check_modes(len(modes))
+        wanted = options.probe_modes or len(modes)
+        if wanted == len(modes):
+            return modes
+        return probes.initial_modes(modes[0], wanted, options.mode_power)
+
+    # ----------------------------------------------------------------------------------
+    # The forward model on a minibatch
+    # ----------------------------------------------------------------------------------
+
     def _windows(self, index):
-        """(B, N + 1, N + 1, 2) gather indices of the windows of positions ``index`` and
-        their sub-pixel remainders [fx, fy] (B, 2), from the current positions."""
+        """Gather indices of the object windows of positions ``index`` and their
+        sub-pixel remainders [fx, fy] (B, 2), from the current positions. ``fourier``:
+        (B, N, N, 2) windows at the nearest pixel, remainders in [-1/2, 1/2);
+        ``bilinear``: (B, N + 1, N + 1, 2) windows (the warp's taps) at the pixel below,
+        remainders in [0, 1)."""
         n = self.n
+        fourier = self.options.subpixel == Subpixel.fourier
         positions = tf.gather(self.base, index) + tf.gather(self.correction, index)
         corner = positions - n / 2
-        whole = tf.floor(corner)
+        whole = tf.floor(corner + 0.5) if fourier else tf.floor(corner)
         fraction = corner - whole
         whole = tf.cast(whole, tf.int32)
-        span = tf.range(n + 1)
-        rows = whole[:, 1:2] + span[None]
-        cols = whole[:, 0:1] + span[None]
-        size = tf.shape(index)[0]
+        size, span = tf.shape(index)[0], (n if fourier else n + 1)
+        rows = whole[:, 1:2] + tf.range(span)[None]
+        cols = whole[:, 0:1] + tf.range(span)[None]
         indices = tf.stack(
             [
-                tf.broadcast_to(rows[:, :, None], (size, n + 1, n + 1)),
-                tf.broadcast_to(cols[:, None, :], (size, n + 1, n + 1)),
+                tf.broadcast_to(rows[:, :, None], (size, span, span)),
+                tf.broadcast_to(cols[:, None, :], (size, span, span)),
             ],
             axis=-1,
         )
         return indices, positions, fraction
 
     def _patches(self, canvas, indices, fraction):
-        """(B, N, N) complex patches: window gathered, then shifted by the remainder."""
+        """(B, N, N) complex object patches: the windows (``bilinear``: shifted by the
+        remainders through the warp)."""
         n = self.n
         windows = tf.gather_nd(tf.convert_to_tensor(canvas), indices)
-        shifted = translate(windows, -fraction, backend=self.backend)[:, :n, :n]
-        return tf.complex(shifted[..., 0], shifted[..., 1])
+        if self.options.subpixel == Subpixel.bilinear:
+            windows = translate(windows, -fraction, backend=self.backend)[:, :n, :n]
+        return tf.complex(windows[..., 0], windows[..., 1])
 
-    def _intensity(self, probe, patches):
-        n = self.n
-        wave = tf.complex(probe[..., 0], probe[..., 1])[None] * patches
-        far = tf.signal.fftshift(tf.signal.fft2d(wave), axes=(-2, -1)) / n
-        return tf.math.real(far) ** 2 + tf.math.imag(far) ** 2
+    def _illuminations(self, probe, fraction):
+        """The probe modes that light each patch, complex: (B, K, N, N) shifted by the
+        remainders ``P_k(r - f)`` (``fourier``: the exit wave ``P_k(r - f) O(w + r)`` is
+        ``P_k(r) O(w + f + r)`` moved by ``f``, which leaves its far-field intensity
+        unchanged), or (1, K, N, N) as they are (``bilinear``)."""
+        modes = tf.complex(probe[..., 0], probe[..., 1])
+        if self.options.subpixel == Subpixel.bilinear:
+            return modes[None]
+        angle = -2.0 * math.pi * fraction[:, :, None] * self.frequencies[None, None, :]
+        ramp = tf.complex(tf.cos(angle), tf.sin(angle))  # (B, 2, N): [x, y]
+        ramp = ramp[:, 1, :, None] * ramp[:, 0, None, :]  # (B, N rows, N cols)
+        # The far field's 1/N is applied here, to the K spectra, rather than to B K fields.
+        spectra = tf.signal.fft2d(modes) / tf.cast(self.n, tf.complex64)
+        return tf.signal.ifft2d(spectra[None] * ramp[:, None])
+
+    def _intensity(self, illuminations, patches):
+        """(B, N, N) far-field intensity ``sum_k |fft2(P_k O) / N|^2``, zero frequency in
+        the corner (the order the counts are kept in; ``fourier``: the illuminations
+        carry the 1/N)."""
+        wave = illuminations * patches[:, None]
+        far = tf.signal.fft2d(wave)
+        if self.options.subpixel == Subpixel.bilinear:
+            far = far / self.n
+        return tf.reduce_sum(tf.math.real(far) ** 2 + tf.math.imag(far) ** 2, axis=1)
 
     def _measurable(self, intensity):
         """The model's expected counts: the sample's intensity plus the background."""
@@ -394,7 +498,8 @@ class Refiner:
         |sqrt(I) - a|, a, I and the counts."""
         indices, _, fraction = self._windows(index)
         intensity = self._intensity(
-            tf.convert_to_tensor(self.probe), self._patches(self.canvas, indices, fraction)
+            self._illuminations(tf.convert_to_tensor(self.probe), fraction),
+            self._patches(self.canvas, indices, fraction),
         )
         counts = tf.gather(self.counts, index)
         expected = self._measurable(intensity)
@@ -413,9 +518,10 @@ class Refiner:
 
     def gradients(self, index, canvas=None, probe=None, *, wrt=("canvas", "probe", "positions")):
         """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
-        the probe (N, N, 2) and the positions of ``index`` (B, 2) [x, y], at the
-        current variables (or at the ``canvas`` / ``probe`` given). Gradients not in
-        ``wrt`` are zeros and cost nothing: XLA drops their part of the backward pass."""
+        the probe modes (K, N, N, 2) and the positions of ``index`` (B, 2) [x, y], at
+        the current variables (or at the ``canvas`` / ``probe`` given), and the
+        minibatch's (window indices, patches, illuminations). Gradients not in ``wrt``
+        are zeros and cost nothing: XLA drops their part of the backward pass."""
         options = self.options
         indices, _, fraction = self._windows(index)
         counts = tf.gather(self.counts, index)
@@ -427,7 +533,8 @@ class Refiner:
         with tf.GradientTape() as tape:
             tape.watch([sources[name] for name in wrt])
             patches = self._patches(canvas, indices, fraction)
-            loss = self._loss(self._intensity(probe, patches), counts)
+            illuminations = self._illuminations(probe, fraction)
+            loss = self._loss(self._intensity(illuminations, patches), counts)
             weight = self._weight(index)
             loss = tf.reduce_sum(loss if weight is None else loss * weight)
             if options.smoothness:
@@ -438,27 +545,31 @@ class Refiner:
             tf.zeros_like(value) if found.get(name) is None else tf.convert_to_tensor(found[name])
             for name, value in sources.items()
         ]
-        return loss, grads, (indices, patches)
+        return loss, grads, (indices, patches, illuminations)
 
     def _step_impl(self, index, object_step, position_step, probe_step):
         """One minibatch update of every variable being refined (steps 0 leave one
         alone); returns the minibatch's loss."""
-        options, n = self.options, self.n
+        options = self.options
         size = tf.shape(index)[0]
         wrt = (
             ["canvas"]
             + ["positions"] * options.refines_positions
             + ["probe"] * options.refines_probe
         )
-        loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(
+        loss, (grad_canvas, grad_probe, gradient), (indices, patches, _) = self.gradients(
             index, wrt=wrt
         )
-        canvas, probe = tf.convert_to_tensor(self.canvas), tf.convert_to_tensor(self.probe)
+        canvas = tf.convert_to_tensor(self.canvas)
 
-        # Object: preconditioned by the minibatch's illumination.
-        weight = tf.pad(tf.reduce_sum(probe**2, -1), [[0, 1], [0, 1]])
+        # Object: preconditioned by the minibatch's illumination sum_k |P_k|^2 (the
+        # modes unshifted: the remainders move them by half a pixel at most).
+        weight = tf.reduce_sum(self.probe**2, axis=(0, 3))
+        if options.subpixel == Subpixel.bilinear:  # the (N + 1) x (N + 1) window
+            weight = tf.pad(weight, [[0, 1], [0, 1]])
+        span = tf.shape(weight)[0]
         illumination = tf.tensor_scatter_nd_add(
-            tf.zeros(tf.shape(canvas)[:2]), indices, tf.broadcast_to(weight, (size, n + 1, n + 1))
+            tf.zeros(tf.shape(canvas)[:2]), indices, tf.broadcast_to(weight, (size, span, span))
         )
         denominator = 4.0 * (illumination + options.regularisation * tf.reduce_max(weight))
         update = object_step * grad_canvas / denominator[..., None]
@@ -481,7 +592,7 @@ class Refiner:
         object_power = tf.reduce_sum(tf.math.real(patches) ** 2 + tf.math.imag(patches) ** 2, 0)
         mean_power = tf.reduce_max(object_power) / tf.cast(size, tf.float32)
         probe_denominator = 4.0 * (object_power + options.regularisation * mean_power)
-        self.probe.assign_sub(probe_step * grad_probe / probe_denominator[..., None])
+        self.probe.assign_sub(probe_step * grad_probe / probe_denominator[None, ..., None])
         return loss
 
     # ----------------------------------------------------------------------------------
@@ -519,9 +630,17 @@ class Refiner:
         return (self.base + self.correction).numpy().astype(np.float64) - self.pad
 
     def current_probe(self) -> np.ndarray:
-        """(N, N) complex64 probe in the scan's units (the fitted count scale removed)."""
+        """(N, N) complex64 probe, or (K, N, N) modes, in the scan's units (the fitted
+        count scale removed)."""
         probe = self.probe.numpy() / self.probe_units
-        return (probe[..., 0] + 1j * probe[..., 1]).astype(np.complex64)
+        return probes.squeezed((probe[..., 0] + 1j * probe[..., 1]).astype(np.complex64))
+
+    def orthogonalise(self) -> None:
+        """Make the modes orthogonal and sort them by power (:func:`ptycho.probes.
+        orthogonalise`: every predicted pattern is unchanged)."""
+        probe = self.probe.numpy()
+        modes = probes.orthogonalise(probe[..., 0] + 1j * probe[..., 1])
+        self.probe.assign(np.stack([modes.real, modes.imag], -1).astype(np.float32))
 
     def current_object(self) -> tuple[np.ndarray, np.ndarray]:
         """(object, mask) in the frame: pixels no position illuminates (summed |P|^2
@@ -532,8 +651,7 @@ class Refiner:
         probe = self.current_probe()
         positions = self.positions()
         coverage = illumination(positions[:, 0], positions[:, 1], probe, self.shape)
-        weight = np.abs(probe) ** 2
-        mask = coverage > 1e-3 * weight.max()
+        mask = coverage > 1e-3 * probes.intensity(probe).max()
         return np.where(mask, obj, 0).astype(np.complex64), mask
 
     def run(self, *, score=None, true_positions=None, on_record=None) -> RefineResult:
@@ -566,6 +684,8 @@ class Refiner:
             loss = 0.0
             for index in self._batches(rng.permutation(self.scan.n_positions)):
                 loss = self._step(index, *steps)
+            if self.modes > 1 and probe_step and (iteration + 1) % options.orthogonalise_every == 0:
+                self.orthogonalise()
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(
                     f"the refinement diverged at iteration {iteration + 1} (loss {float(loss)}); "
@@ -583,6 +703,8 @@ class Refiner:
                     on_record(record)
             if out_of_time:
                 break
+        if self.modes > 1 and options.refines_probe:
+            self.orthogonalise()
         obj, mask = self.current_object()
         positions = self.positions()
         final = history[-1]
@@ -615,6 +737,9 @@ class Refiner:
             "poisson_nll": nll / pixels,
             "_pass_seconds": time.perf_counter() - begin,
         }
+        if self.modes > 1:
+            shares = probes.powers(self.current_probe())
+            record.update({f"mode_{k}_power": float(share) for k, share in enumerate(shares)})
         if true_positions is not None:
             error = self.positions() - np.asarray(true_positions, np.float64)
             error -= error.mean(axis=0)

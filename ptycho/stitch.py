@@ -14,6 +14,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from ptycho import probes
 from ptycho.warp import translate
 
 __all__ = [
@@ -103,8 +104,9 @@ def illumination(
 ) -> np.ndarray:
     """(H, W) summed probe intensity ``sum_j |P|^2`` of every position (windows placed
     at the nearest pixel; parts outside the frame dropped): how well each pixel is
-    illuminated, the coverage a reconstruction rests on."""
-    weight = np.abs(np.asarray(probe)) ** 2
+    illuminated, the coverage a reconstruction rests on. A (K, N, N) probe counts
+    its modes' summed intensity."""
+    weight = probes.intensity(probe)
     n = weight.shape[0]
     height, width = int(shape[0]), int(shape[1])
     out = np.zeros((height + 2 * n, width + 2 * n))
@@ -189,8 +191,8 @@ class Stitcher:
         Object frame; pixel (y, x) is object coordinate (y, x).
     n : int
         Patch size N.
-    probe : (N, N) complex, optional
-        Weights ``|P|^2``; None weights every patch pixel by 1.
+    probe : (N, N) complex or (K, N, N) modes, optional
+        Weights ``sum_k |P_k|^2``; None weights every patch pixel by 1.
     backend : {"xla", "legacy"}
         Warp backend; "xla" runs under XLA.
     batch_size : int
@@ -221,7 +223,7 @@ class Stitcher:
         self.align_phase = bool(align_phase)
         self.n = int(n)
         self.batch_size = int(batch_size)
-        weight = np.ones((n, n)) if probe is None else np.abs(np.asarray(probe)) ** 2
+        weight = np.ones((n, n)) if probe is None else probes.intensity(probe)
         if weight.shape != (n, n):
             raise ValueError(f"probe must be ({n}, {n}), got {weight.shape}")
         self.threshold = weight_threshold * float(weight.max())

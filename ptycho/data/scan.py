@@ -51,8 +51,8 @@ class Scan:
     diffraction : (M, N, N) float32
         Measured far-field amplitudes ``sqrt(counts)``, zero frequency at the centre.
         N is even and >= 16.
-    probe : (N, N) complex64
-        Illumination.
+    probe : (N, N) complex64, or (K, N, N) for K mutually incoherent modes
+        Illumination (:mod:`ptycho.probes`).
     xcoords, ycoords : (M,) float64
         Patch centres in object pixels (x = column, y = row). Patch j covers rows
         ``[y_j - N/2, y_j + N/2)`` and columns ``[x_j - N/2, x_j + N/2)`` of the object.
@@ -132,8 +132,11 @@ class Scan:
         set_(self, "diffraction", _readonly(diffraction))
 
         probe = np.asarray(self.probe)
-        if probe.shape != (n, n):
-            raise ValueError(f"Scan.probe: expected shape ({n}, {n}) to match N, got {probe.shape}")
+        if probe.shape[-2:] != (n, n) or probe.ndim not in (2, 3) or len(probe) == 0:
+            raise ValueError(
+                f"Scan.probe: expected shape ({n}, {n}), or (K, {n}, {n}) for K modes, to "
+                f"match N, got {probe.shape}"
+            )
         probe = probe.astype(np.complex64, copy=False)
         if not np.isfinite(probe).all():
             raise ValueError("Scan.probe: contains NaN or Inf")
@@ -214,6 +217,11 @@ class Scan:
     def n(self) -> int:
         """Pattern (and probe) size N in pixels."""
         return int(self.diffraction.shape[1])
+
+    @property
+    def probe_modes(self) -> int:
+        """K: the probe's modes (1 for an (N, N) probe)."""
+        return 1 if self.probe.ndim == 2 else int(self.probe.shape[0])
 
     @property
     def n_positions(self) -> int:

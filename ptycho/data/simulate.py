@@ -13,8 +13,9 @@ from enum import StrEnum
 import numpy as np
 import scipy.ndimage
 
+from ptycho import probes
 from ptycho.data.scan import Scan
-from ptycho.errors import require
+from ptycho.errors import choice, require
 from ptycho.physics import far_field
 from ptycho.stitch import extract_patches
 
@@ -26,8 +27,10 @@ __all__ = [
     "ProbeKind",
     "ScanKind",
     "SimulationSpec",
+    "SubpixelShift",
     "make_object",
     "make_probe",
+    "fourier_patches",
     "scan_positions",
     "simulate",
 ]
@@ -50,6 +53,11 @@ class ScanKind(StrEnum):
     grid = "grid"
     spiral = "spiral"
     random = "random"
+
+
+class SubpixelShift(StrEnum):
+    fourier = "fourier"
+    bilinear = "bilinear"
 
 
 OBJECT_KINDS = tuple(ObjectKind)
@@ -373,6 +381,18 @@ class SimulationSpec:
     make; the true positions are kept in ``metadata["true_positions"]`` for metrics."""
     nphotons: float | None = 1e9
     """Mean total counts per pattern (Poisson); null: noiseless, unscaled ``|Psi|``."""
+    subpixel: SubpixelShift = SubpixelShift.fourier
+    """How a patch at a fractional position is cut: ``fourier`` (an exact band-limited
+    shift of the object, as a real sample moves) or ``bilinear`` (the project's warp,
+    the network's own interpolation). Whole-pixel positions (the default raster) are
+    cut alike by both."""
+    probe_modes: int = 1
+    """K mutually incoherent probe modes (a partially coherent beam): each pattern is
+    the sum of the modes' intensities; the truth's modes are the scan's probe
+    (:func:`ptycho.probes.coherent_modes`)."""
+    coherence: float = 0.3
+    """Power of each mode over the one before it (``probe_modes`` > 1): 0.3 gives
+    72 / 22 / 6 % for three modes."""
     margin: int = 2
     """Pixels of object around the outermost patches."""
     seed: int = 0
@@ -385,6 +405,9 @@ class SimulationSpec:
             [
                 (self.n >= 16 and self.n % 2 == 0, f"n={self.n}: must be even and >= 16"),
                 (self.n_positions >= 1, f"n_positions={self.n_positions}: must be >= 1"),
+                choice("subpixel", self.subpixel, SubpixelShift),
+                (self.probe_modes >= 1, f"probe_modes={self.probe_modes}: must be >= 1"),
+                (0 < self.coherence <= 1, f"coherence={self.coherence}: must be in (0, 1]"),
                 (
                     self.nphotons is None or self.nphotons > 0,
                     f"nphotons={self.nphotons}: must be > 0, or null (noiseless)",
@@ -435,7 +458,9 @@ def simulate(spec: SimulationSpec | None = None, /, **changes) -> Scan:
     -------
     Scan with ``object`` set (the ground truth) and positions in object pixels (patch
     centres); the object is just large enough for every patch plus ``margin`` pixels.
-    Intensities ``|fftshift(fft2(P O_j)) / N|^2`` (docs/design.md, section 3); with
+    Intensities ``sum_k |fftshift(fft2(P_k O_j)) / N|^2`` over the probe's modes (one
+    unless ``probe_modes`` > 1; the scan's probe is then (K, N, N)) (docs/design.md,
+    section 3); with
     ``nphotons`` the stored amplitudes are ``sqrt(counts)``, ``counts ~ Poisson(s I)`` with
     ``s`` set so the expected total per pattern averages ``nphotons``.
     """
@@ -467,11 +492,18 @@ def simulate(spec: SimulationSpec | None = None, /, **changes) -> Scan:
         line_blur_weights=None if spec.line_blur_weights is None else tuple(spec.line_blur_weights),
         seed=int(seeds[1].generate_state(1)[0]),
     )
-    patches = extract_patches(obj, x, y, n)
-    intensity = np.empty((spec.n_positions, n, n), np.float64)
+    if spec.subpixel == SubpixelShift.fourier:
+        patches = fourier_patches(obj, x, y, n)
+    else:
+        patches = extract_patches(obj, x, y, n)
+    if spec.probe_modes > 1:
+        probe = probes.coherent_modes(probe, spec.probe_modes, spec.coherence)
+    modes = probes.as_modes(probe)
+    intensity = np.zeros((spec.n_positions, n, n), np.float64)
     for start in range(0, spec.n_positions, 512):
         stop = start + 512
-        intensity[start:stop] = np.abs(far_field(probe * patches[start:stop])) ** 2
+        for mode in modes:
+            intensity[start:stop] += np.abs(far_field(mode * patches[start:stop])) ** 2
     if spec.nphotons is None:
         amplitudes = np.sqrt(intensity)
     else:
@@ -492,6 +524,31 @@ def simulate(spec: SimulationSpec | None = None, /, **changes) -> Scan:
         ),
     )
     return _with_position_errors(scan, spec.position_error)
+
+
+def fourier_patches(
+    obj: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray, n: int
+) -> np.ndarray:
+    """(M, N, N) complex64 patches of ``obj`` at patch centres (x, y), sub-pixel parts
+    by an exact Fourier shift: the 2N x 2N window around the patch (the object
+    continued by reflection beyond its edges) shifted by the remainder through its
+    spectrum, the central N x N kept. Whole-pixel positions are cut exactly."""
+    obj = np.asarray(obj, np.complex128)
+    half = n // 2
+    padded = np.pad(obj, n, mode="reflect")
+    corner = np.stack([ycoords, xcoords], 1) - n / 2
+    whole = np.floor(corner + 0.5).astype(np.int64)
+    fraction = corner - whole
+    freq = np.fft.fftfreq(2 * n)
+    out = np.empty((len(corner), n, n), np.complex64)
+    for j, ((row, col), (fy, fx)) in enumerate(zip(whole, fraction, strict=True)):
+        if fy == 0 and fx == 0:
+            out[j] = obj[row : row + n, col : col + n]
+            continue
+        window = padded[row + n - half : row + 2 * n + half, col + n - half : col + 2 * n + half]
+        ramp = np.exp(2j * np.pi * (freq[:, None] * fy + freq[None, :] * fx))
+        out[j] = np.fft.ifft2(np.fft.fft2(window) * ramp)[half : half + n, half : half + n]
+    return out
 
 
 def _with_position_errors(scan: Scan, rms: float) -> Scan:

@@ -92,15 +92,17 @@ def refined_probe(
     scan: Scan,
     iterations: int,
     *,
+    modes: int | None = None,
     backend: str,
     compile_mode: str,
     writer=None,
     stream=None,
 ) -> tuple[Scan, RefineResult]:
     """``scan`` with the probe that ``refine=full`` (``iterations``, from a flat object
-    and the scan's probe) finds on it: the network's probe for ``train.probe=refine``.
-    Progress as :func:`run`'s, under ``probe/`` in TensorBoard."""
-    options = RefineOptions(mode=RefineMode.full, iterations=iterations)
+    and the scan's probe; ``modes`` probe modes, null: the probe's) finds on it: the
+    network's probe for ``train.probe=refine``. Progress as :func:`run`'s, under
+    ``probe/`` in TensorBoard."""
+    options = RefineOptions(mode=RefineMode.full, iterations=iterations, probe_modes=modes)
     # The probe moves from a third of the way at the latest (short runs too).
     options.probe_start = min(options.probe_start, max(1, iterations // 3))
     log.info("train.probe=refine: refine=%s on the training scan first", options.mode)

@@ -48,27 +48,39 @@ def amp_ssim(scan, obj) -> float:
     return metrics.compare(scan.object, obj, region=scan_region(scan))["amp_ssim"]
 
 
-def numpy_loss(refiner: Refiner, index: np.ndarray) -> float:
-    """The truncated Poisson loss of positions ``index``, from bilinear patches cut with
-    scipy and the unitary numpy FFT (docs/design.md, section 3)."""
+def numpy_patch_and_modes(refiner: Refiner, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Position j's object patch and (K, N, N) probe modes in the refiner's model:
+    ``bilinear``: patch sampled by scipy at the exact position, modes as they are;
+    ``fourier``: the window at the nearest pixel, each mode shifted by the remainder with
+    scipy's Fourier shift."""
     canvas = refiner.canvas.numpy().astype(np.float64)
     obj = canvas[..., 0] + 1j * canvas[..., 1]
     probe = refiner.probe.numpy().astype(np.float64)
-    probe = probe[..., 0] + 1j * probe[..., 1]
-    positions = refiner.positions() + refiner.pad
+    modes = probe[..., 0] + 1j * probe[..., 1]
+    x, y = refiner.positions()[j] + refiner.pad
+    if refiner.options.subpixel == "bilinear":
+        grid = np.meshgrid(y - N / 2 + np.arange(N), x - N / 2 + np.arange(N), indexing="ij")
+        patch = scipy.ndimage.map_coordinates(obj.real, grid, order=1) + 1j * (
+            scipy.ndimage.map_coordinates(obj.imag, grid, order=1)
+        )
+        return patch, modes
+    row, col = int(np.floor(y - N / 2 + 0.5)), int(np.floor(x - N / 2 + 0.5))
+    shift = (y - N / 2 - row, x - N / 2 - col)
+    shifted = [np.fft.ifft2(scipy.ndimage.fourier_shift(np.fft.fft2(m), shift)) for m in modes]
+    return obj[row : row + N, col : col + N], np.stack(shifted)
+
+
+def numpy_loss(refiner: Refiner, index: np.ndarray) -> float:
+    """The truncated Poisson loss of positions ``index``: the patterns ``sum_k |P_k O|^2``
+    through the unitary numpy FFT (docs/design.md, section 3)."""
+    canvas = refiner.canvas.numpy().astype(np.float64)
     counts = np.square(refiner.scan.diffraction.astype(np.float64))
     cut_factor = 1.0 + refiner.options.truncation
     total = 0.0
     for j in index:
-        x, y = positions[j]
-        rows = y - N / 2 + np.arange(N)
-        cols = x - N / 2 + np.arange(N)
-        grid = np.meshgrid(rows, cols, indexing="ij")
-        patch = scipy.ndimage.map_coordinates(obj.real, grid, order=1) + 1j * (
-            scipy.ndimage.map_coordinates(obj.imag, grid, order=1)
-        )
-        far = np.fft.fftshift(np.fft.fft2(probe * patch)) / N
-        intensity = np.abs(far) ** 2
+        patch, modes = numpy_patch_and_modes(refiner, j)
+        far = np.fft.fftshift(np.fft.fft2(modes * patch), axes=(-2, -1)) / N
+        intensity = np.sum(np.abs(far) ** 2, axis=0)
         n = counts[j]
         cut = n / cut_factor
         safe = np.maximum(intensity, cut)
@@ -80,28 +92,44 @@ def numpy_loss(refiner: Refiner, index: np.ndarray) -> float:
     return total + refiner.options.smoothness * share * float(roughness)
 
 
-def test_the_minibatch_loss_is_the_poisson_likelihood_of_a_numpy_forward_model():
+@pytest.mark.parametrize(
+    "subpixel, modes", [("fourier", 1), ("bilinear", 1), ("fourier", 3), ("bilinear", 2)]
+)
+def test_the_minibatch_loss_is_the_poisson_likelihood_of_a_numpy_forward_model(subpixel, modes):
     scan = small_scan(nphotons=1e5)
     rng = np.random.default_rng(0)
     start = scan.object * np.exp(0.3j) * 0.8 + 0.05 * rng.normal(size=scan.object.shape)
-    refiner = Refiner(scan, options(batch_size=8), initial=start, compile_mode="eager")
+    settings = options(mode="full", batch_size=8, subpixel=subpixel, probe_modes=modes)
+    refiner = Refiner(scan, settings, initial=start, compile_mode="eager")
     index = np.array([0, 5, 9, 17, 30, 41, 50, 63], np.int32)
     loss, _, _ = refiner.gradients(tf.constant(index))
     assert float(loss) == pytest.approx(numpy_loss(refiner, index), rel=2e-5)
 
 
-def test_gradients_match_finite_differences():
-    """Object, probe and positions (through the warp's offset gradient), with the
-    smoothness prior on, against central differences of the float64 numpy model."""
+def inner_positions(refiner: Refiner, count: int) -> np.ndarray:
+    """Positions whose sub-pixel remainders stay away from a window change (0 and 1 for
+    ``bilinear``, +-1/2 for ``fourier``)."""
+    fractions = (refiner.positions() - N / 2) % 1.0
+    if refiner.options.subpixel == "fourier":
+        inner = (fractions < 0.4) | (fractions > 0.6)
+    else:
+        inner = (fractions > 0.1) & (fractions < 0.9)
+    return np.flatnonzero(np.all(inner, axis=1))[:count]
+
+
+@pytest.mark.parametrize("subpixel, modes", [("fourier", 1), ("bilinear", 1), ("fourier", 2)])
+def test_gradients_match_finite_differences(subpixel, modes):
+    """Object, probe modes and positions (through the probe's Fourier shift or the
+    warp's offset gradient), with the smoothness prior on, against central differences
+    of the float64 numpy model."""
     scan = small_scan(nphotons=1e4)
     rng = np.random.default_rng(1)
     start = scan.object * 0.9 + 0.05 * rng.normal(size=scan.object.shape)
-    refiner = Refiner(
-        scan, options(batch_size=4, smoothness=5.0), initial=start, compile_mode="eager"
+    settings = options(
+        mode="full", batch_size=4, smoothness=5.0, subpixel=subpixel, probe_modes=modes
     )
-    # Positions whose sub-pixel remainders are away from 0 and 1 (no window change).
-    fractions = (refiner.positions() - N / 2) % 1.0
-    inner = np.flatnonzero(np.all((fractions > 0.1) & (fractions < 0.9), axis=1))[:4]
+    refiner = Refiner(scan, settings, initial=start, compile_mode="eager")
+    inner = inner_positions(refiner, 4)
     index = tf.constant(inner.astype(np.int32))
     _, (grad_canvas, grad_probe, grad_positions), _ = refiner.gradients(index)
 
@@ -114,14 +142,23 @@ def test_gradients_match_finite_differences():
         variable.assign(saved)
         return values[0] - values[1]
 
-    for variable, gradient in ((refiner.canvas, grad_canvas), (refiner.probe, grad_probe)):
-        direction = rng.normal(size=variable.shape)
+    changes = [(refiner.canvas, grad_canvas, None)]
+    for k in range(modes):  # each mode on its own: the weak ones too
+        only = np.zeros(refiner.probe.shape)
+        only[k] = 1.0
+        changes.append((refiner.probe, grad_probe, only))
+    for variable, gradient, part in changes:
+        # Along the gradient plus as much noise: a random direction alone can make the
+        # derivative cancel to the float32 rounding of its sum.
+        gradient = gradient.numpy() * (1.0 if part is None else part)
+        noise = rng.normal(size=variable.shape) * (1.0 if part is None else part)
+        direction = gradient / np.abs(gradient).max() + noise / np.abs(noise).max()
         eps = 1e-3 * float(np.abs(variable.numpy()).max())
         numeric = central(variable, eps * direction) / (2 * eps)
-        analytic = float(np.sum(gradient.numpy() * direction))
+        analytic = float(np.sum(gradient * direction))
         assert analytic == pytest.approx(numeric, rel=1e-2)
 
-    eps = 1e-2  # pixels; the loss is smooth while the remainder stays in (0, 1)
+    eps = 1e-2  # pixels; the loss is smooth while the window stays where it is
     for row, j in enumerate(inner):
         for axis in (0, 1):
             change = np.zeros((scan.n_positions, 2))
@@ -130,9 +167,15 @@ def test_gradients_match_finite_differences():
             assert float(grad_positions.numpy()[row, axis]) == pytest.approx(numeric, rel=1e-2)
 
 
-def test_refinement_from_the_truth_stays_at_the_truth():
-    scan = small_scan()
-    refiner = Refiner(scan, options(iterations=10, batch_size=16), initial=scan.object)
+@pytest.mark.parametrize("subpixel", ["fourier", "bilinear"])
+def test_refinement_from_the_truth_stays_at_the_truth(subpixel):
+    """Each sub-pixel model at patterns simulated with the matching physics: the
+    simulator's exact shift of the object (its own code, not the probe's shift) for
+    ``fourier``, the warp for ``bilinear``. The probe's far field lies inside the
+    detector (an aliased exit wave shifted is not the same field: docs/refinement.md)."""
+    scan = small_scan(subpixel=subpixel, probe="gaussian")
+    settings = options(iterations=10, batch_size=16, subpixel=subpixel)
+    refiner = Refiner(scan, settings, initial=scan.object)
     result = refiner.run()
     assert result.r_factor < 0.01
     assert amp_ssim(scan, result.obj) > 0.995
@@ -160,14 +203,23 @@ def test_a_flat_start_reconstructs_the_object():
     assert np.allclose(result.probe, scan.probe, atol=1e-5 * np.abs(scan.probe).max())
 
 
-def test_known_position_errors_are_recovered():
-    scan = small_scan()
+@pytest.mark.parametrize(
+    "subpixel, probe, tolerance",
+    # The Fresnel probe's far field fills the detector: the exit wave is aliased, and
+    # the probe's shift is then not the object's (docs/refinement.md); the Gaussian
+    # probe's is not, and pins positions less well whatever the model (0.13 px both).
+    [("bilinear", "fresnel", 0.1), ("fourier", "gaussian", 0.15)],
+)
+def test_known_position_errors_are_recovered(subpixel, probe, tolerance):
+    scan = small_scan(subpixel=subpixel, probe=probe)
     rng = np.random.default_rng(2)
     error = rng.normal(0.0, 1.0 / math.sqrt(2), (scan.n_positions, 2))
     wrong = scan.replace(xcoords=scan.xcoords + error[:, 0], ycoords=scan.ycoords + error[:, 1])
     refiner = Refiner(
         wrong,
-        options(mode="positions", iterations=80, batch_size=16, position_start=0),
+        options(
+            mode="positions", iterations=80, batch_size=16, position_start=0, subpixel=subpixel
+        ),
         initial=scan.object,
     )
     result = refiner.run(true_positions=scan.positions)
@@ -177,19 +229,32 @@ def test_known_position_errors_are_recovered():
     before = error - error.mean(0)
     rms = lambda e: float(np.sqrt(np.mean(np.sum(e**2, 1))))  # noqa: E731
     assert rms(before) > 0.8
-    assert rms(remaining) < 0.1
+    assert rms(remaining) < tolerance
     assert result.history[-1]["position_rmse"] == pytest.approx(rms(remaining), rel=1e-3)
     assert np.abs(refiner.correction.numpy().mean(0)).max() < 1e-4
 
 
 def test_the_legacy_warp_refines_objects_as_the_xla_warp_does_and_refuses_positions():
     scan = small_scan(nphotons=1e7)
-    settings = options(iterations=5, batch_size=16)
+    settings = options(iterations=5, batch_size=16, subpixel="bilinear")
     xla = Refiner(scan, settings, compile_mode="graph").run()
     legacy = Refiner(scan, settings, backend="legacy", compile_mode="graph").run()
     assert np.abs(xla.obj - legacy.obj).max() < 1e-3
-    with pytest.raises(ValueError, match="use translate=xla"):
-        Refiner(scan, options(mode="positions"), backend="legacy", compile_mode="graph")
+    with pytest.raises(ValueError, match="use refine.subpixel=fourier, translate=xla"):
+        Refiner(
+            scan,
+            options(mode="positions", subpixel="bilinear"),
+            backend="legacy",
+            compile_mode="graph",
+        )
+    # The Fourier shift needs no warp: positions move whatever the warp.
+    moved = Refiner(
+        scan,
+        options(mode="positions", iterations=4, position_start=0),
+        backend="legacy",
+        compile_mode="graph",
+    ).run()
+    assert np.abs(moved.xcoords - scan.xcoords).max() > 0
 
 
 def test_patches_reaching_beyond_the_frame_are_refined_too():

@@ -1,18 +1,22 @@
-"""Physics refinement against ePIE: speed, time to quality and final quality.
+"""Physics refinement against ePIE (and PtyLab): speed, time to quality, final quality.
 
     python benchmarks/refine.py --json                       # 1e6 and 1e4 photons
     python benchmarks/refine.py --json --nphotons 1e6 --checkpoint outputs/.../model.keras
+    python benchmarks/refine.py --json --case sharp          # sharp images against ePIE-50
+    python benchmarks/refine.py --json --case modes          # a partially coherent scan
+    python benchmarks/refine.py --json --case n128           # 516 x 128^2, PtyLab beside
 
-The scan is the held-out kind the targets name: scikit-image's ``coins`` (amplitude) and
-``text`` (phase, 1.2 rad) at N = 64, a Fresnel probe, a Fermat spiral of 1087 positions
-(step N/8), Poisson noise at ``--nphotons`` per pattern (``data=image`` with
-``data.probe=fresnel data.scan=spiral data.test_positions=1087``, the test scan).
-
+``--case dose`` (the default): the scan is the held-out kind the targets name:
+scikit-image's ``coins`` (amplitude) and ``text`` (phase, 1.2 rad) at N = 64, a Fresnel
+probe, a Fermat spiral of 1087 positions (step N/8), Poisson noise at ``--nphotons`` per
+pattern, patterns made with exact (Fourier) sub-pixel shifts of the object (``data=image``
+with ``data.probe=fresnel data.scan=spiral data.test_positions=1087``, the test scan).
 Rows (one JSON line each, all in this process, one after the other):
 
-- ``refine=object`` from a flat object for xla+jit, xla+graph and legacy+graph;
+- ``refine=object`` from a flat object for xla+jit (``subpixel`` fourier, the default,
+  and bilinear), xla+graph and legacy+graph;
 - ``refine=positions`` on the same scan with 1 px rms errors in the stored positions
-  (xla+jit, xla+graph), and ``refine=object`` with the true positions beside it;
+  (both sub-pixel models), and ``refine=object`` with the true positions beside it;
 - with ``--checkpoint``: ``refine=object`` from the network's reconstruction (xla+jit)
   for the default iterations and for a third of them, the network's own time included
   in ``seconds`` and ``seconds_to_*``, and ``refine=object`` from flat for a third of
@@ -21,24 +25,42 @@ Rows (one JSON line each, all in this process, one after the other):
   known probe, PtyLab's defaults (object step 0.25, integer positions, random order),
   ``--epie-iterations`` iterations: the in-process yardstick.
 
-Fields: ``translate``, ``compile``, ``mode``, ``start``, ``nphotons``, ``patterns``,
-``iterations``, ``seconds`` (refinement steps and their progress passes, compilation
-included, ground-truth scoring excluded), ``iterations_per_s``, ``amp_ssim``,
-``phase_ssim``, ``position_rmse``, ``seconds_to_ssim_0.98`` and ``iterations_to_ssim_0.98``
-(first progress point with amp SSIM >= 0.98, null if never), ``seconds_to_epie`` /
-``iterations_to_epie`` (first point at or above ePIE's final amp SSIM), and ``curve``
-(iteration, seconds, amp_ssim, phase_ssim per progress point). ``--plot`` draws the
-curves (SSIM against iterations and seconds) to a PNG.
+``--case sharp``: sharp photographs (``camera``/``astronaut`` and ``brick``/``gravel``,
+phase 1.2 rad), the same probe, spiral and 1e6 photons: ePIE-50 against ``refine=object``
+with each sub-pixel model.
+
+``--case modes``: the coins/text scan with a partially coherent beam, 3 modes of 72 /
+22 / 6 % (``data.probe_modes=3 data.coherence=0.3``), 1e6 photons: ``refine=full`` with
+``probe_modes=3`` from the first mode alone and from the true modes, and with one mode;
+``mode_powers`` found; then the seconds per iteration of the compiled step with K = 1
+and K = 3 (``seconds_per_iteration``: median of 3 passes after 2 warm-up passes).
+
+``--case n128``: 516 patterns of 128 x 128 (the measured scan's size), coins/text,
+spiral: ``refine=full`` seconds per iteration (steps only, median of 3 passes) with K = 1
+and K = 3, PtyLab's mPIE with probe update beside it in this process when ``ptylab`` is
+installed (``pip install ptylab``), and where one step's time goes (``profile``: the
+compiled pieces timed alone: gather, forward model, gradients, the whole step).
+
+Fields: ``translate``, ``compile``, ``mode``, ``subpixel``, ``start``, ``nphotons``,
+``patterns``, ``iterations``, ``seconds`` (refinement steps and their progress passes,
+compilation included, ground-truth scoring excluded), ``iterations_per_s``, ``amp_ssim``,
+``phase_ssim``, ``r_factor``, ``position_rmse``, ``seconds_to_ssim_0.98`` and
+``iterations_to_ssim_0.98`` (first progress point with amp SSIM >= 0.98, null if never),
+``seconds_to_epie`` / ``iterations_to_epie`` (first point at or above ePIE's final amp
+SSIM), and ``curve`` (iteration, seconds, amp_ssim, phase_ssim per progress point).
+``--plot`` draws the curves (SSIM against iterations and seconds) to a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -47,6 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from ptycho import probes  # noqa: E402
 from ptycho.data import simulate  # noqa: E402
 from ptycho.refine import RefineOptions, Refiner  # noqa: E402
 from ptycho.scoring import Scorer  # noqa: E402
@@ -55,8 +78,8 @@ POSITIONS = 1087
 THRESHOLD = 0.98
 
 
-def held_out_scan(nphotons: float):
-    return simulate(
+def held_out_scan(nphotons: float, **changes):
+    settings = dict(
         n=64,
         n_positions=POSITIONS,
         object_kind="image",
@@ -70,6 +93,7 @@ def held_out_scan(nphotons: float):
         nphotons=nphotons,
         seed=1,
     )
+    return simulate(**{**settings, **changes})
 
 
 def with_position_errors(scan, rms: float = 1.0, seed: int = 5):
@@ -136,25 +160,29 @@ def refine_row(scan, truth_scan, options, backend, mode, initial=None, extra_sec
         shape=truth_scan.object.shape,
     )
     result = refiner.run(score=scorer(truth_scan), true_positions=truth_scan.positions)
-    curve = [
-        {k: r[k] for k in ("iteration", "seconds", "amp_ssim", "phase_ssim", "position_rmse")}
-        for r in result.history
-    ]
+    keys = ("iteration", "seconds", "amp_ssim", "phase_ssim", "position_rmse", "r_factor")
+    curve = [{k: r[k] for k in keys} for r in result.history]
     for point in curve:
         point["seconds"] += extra_seconds
     final = curve[-1]
-    return {
+    row = {
         "translate": backend,
         "compile": mode,
         "mode": options.mode,
+        "subpixel": str(options.subpixel),
         "iterations": result.iterations,
         "seconds": result.seconds,
         "iterations_per_s": result.iterations / result.seconds,
         "amp_ssim": final["amp_ssim"],
         "phase_ssim": final["phase_ssim"],
+        "r_factor": final["r_factor"],
         "position_rmse": final["position_rmse"],
         "curve": curve,
     }
+    if refiner.modes > 1:
+        row["probe_modes"] = refiner.modes
+        row["mode_powers"] = [round(float(p), 4) for p in probes.powers(result.probe)]
+    return row
 
 
 def network_start(checkpoint: str, scan):
@@ -168,43 +196,60 @@ def network_start(checkpoint: str, scan):
     return result.obj, time.perf_counter() - begin
 
 
+class Rows:
+    """The rows of one scan: printed as they come (JSON lines with ``--json``), each
+    with ePIE's targets when an ePIE row has been given."""
+
+    def __init__(self, args, scan, **labels):
+        self.args, self.rows, self.target = args, [], None
+        self.labels = {**labels, "nphotons": scan.nphotons, "patterns": scan.n_positions}
+
+    def epie(self, scan) -> None:
+        iterations = self.args.epie_iterations
+        curve = epie(scan, iterations, every=self.args.every)
+        self.target = curve[-1]["amp_ssim"]
+        row = {
+            "translate": "epie",
+            "compile": "numpy",
+            "mode": "object",
+            "iterations": iterations,
+            "seconds": curve[-1]["seconds"],
+            "iterations_per_s": iterations / curve[-1]["seconds"],
+            "amp_ssim": curve[-1]["amp_ssim"],
+            "phase_ssim": curve[-1]["phase_ssim"],
+            "position_rmse": 0.0,
+            "curve": curve,
+        }
+        self.emit(row, start="flat")
+
+    def emit(self, row, **labels) -> None:
+        row = {**self.labels, **labels, **row}
+        if "curve" in row:
+            row[f"seconds_to_ssim_{THRESHOLD}"] = first_at(row["curve"], THRESHOLD, "seconds")
+            row[f"iterations_to_ssim_{THRESHOLD}"] = first_at(row["curve"], THRESHOLD, "iteration")
+            if self.target is not None:
+                row["seconds_to_epie"] = first_at(row["curve"], self.target, "seconds")
+                row["iterations_to_epie"] = first_at(row["curve"], self.target, "iteration")
+        self.rows.append(row)
+        brief = {k: v for k, v in row.items() if k != "curve"}
+        print(json.dumps(brief) if self.args.json else brief, flush=True)
+
+
 def run(nphotons: float, args) -> list[dict]:
+    """``--case dose``: the coins/text scan at ``nphotons``."""
     scan = held_out_scan(nphotons)
     iterations = args.iterations or RefineOptions().iterations
     options = RefineOptions(mode="object", iterations=iterations, eval_every=args.every)
-    rows = []
-
-    def emit(row, **labels):
-        row = {**labels, "nphotons": nphotons, "patterns": scan.n_positions, **row}
-        rows.append(row)
-        brief = {k: v for k, v in row.items() if k != "curve"}
-        print(json.dumps(brief) if args.json else brief, flush=True)
-
-    reference = epie(scan, args.epie_iterations, every=args.every)
-    epie_row = {
-        "translate": "epie",
-        "compile": "numpy",
-        "mode": "object",
-        "iterations": args.epie_iterations,
-        "seconds": reference[-1]["seconds"],
-        "iterations_per_s": args.epie_iterations / reference[-1]["seconds"],
-        "amp_ssim": reference[-1]["amp_ssim"],
-        "phase_ssim": reference[-1]["phase_ssim"],
-        "position_rmse": 0.0,
-        "curve": reference,
-    }
-    target = epie_row["amp_ssim"]
-
-    def with_targets(row):
-        row[f"seconds_to_ssim_{THRESHOLD}"] = first_at(row["curve"], THRESHOLD, "seconds")
-        row[f"iterations_to_ssim_{THRESHOLD}"] = first_at(row["curve"], THRESHOLD, "iteration")
-        row["seconds_to_epie"] = first_at(row["curve"], target, "seconds")
-        row["iterations_to_epie"] = first_at(row["curve"], target, "iteration")
-        return row
-
-    emit(with_targets(epie_row), start="flat")
-    for backend, mode in (("xla", "jit"), ("xla", "graph"), ("legacy", "graph")):
-        emit(with_targets(refine_row(scan, scan, options, backend, mode)), start="flat")
+    bilinear = replace(options, subpixel="bilinear")
+    rows = Rows(args, scan, case="dose")
+    rows.epie(scan)
+    for settings, backend, mode in (
+        (options, "xla", "jit"),
+        (bilinear, "xla", "jit"),
+        (options, "xla", "graph"),
+        (options, "legacy", "graph"),
+    ):
+        rows.emit(refine_row(scan, scan, settings, backend, mode), start="flat")
     if args.checkpoint:
         initial, seconds = network_start(args.checkpoint, scan)
         third = RefineOptions(mode="object", iterations=max(1, iterations // 3), eval_every=1)
@@ -216,23 +261,185 @@ def run(nphotons: float, args) -> list[dict]:
             row["network_seconds"] = seconds
             row["network_amp_ssim"] = row["curve"][0]["amp_ssim"]
             row["network_phase_ssim"] = row["curve"][0]["phase_ssim"]
-            emit(with_targets(row), start="network")
-        emit(with_targets(refine_row(scan, scan, third, "xla", "jit")), start="flat")
+            rows.emit(row, start="network")
+        rows.emit(refine_row(scan, scan, third, "xla", "jit"), start="flat")
     if not args.skip_positions:
         wrong = with_position_errors(scan)
         moving = RefineOptions(mode="positions", iterations=iterations, eval_every=args.every)
-        for backend, mode in (("xla", "jit"), ("xla", "graph")):
-            emit(
-                with_targets(refine_row(wrong, scan, moving, backend, mode)),
-                start="flat",
-                position_error_px=1.0,
+        for settings, mode in (
+            (moving, "jit"),
+            (replace(moving, subpixel="bilinear"), "jit"),
+            (moving, "graph"),
+        ):
+            row = refine_row(wrong, scan, settings, "xla", mode)
+            rows.emit(row, start="flat", position_error_px=1.0)
+        row = refine_row(wrong, scan, options, "xla", "jit")
+        rows.emit(row, start="flat", position_error_px=1.0)
+    return rows.rows
+
+
+SHARP = (("camera", "astronaut"), ("brick", "gravel"))
+
+
+def run_sharp(args) -> list[dict]:
+    """``--case sharp``: ePIE-50 against ``refine=object`` (both sub-pixel models) on
+    sharp photographs."""
+    out = []
+    options = RefineOptions(mode="object", eval_every=args.every)
+    for images in SHARP:
+        scan = held_out_scan(1e6, images=images)
+        rows = Rows(args, scan, case="sharp", images="/".join(images))
+        rows.epie(scan)
+        for settings in (options, replace(options, subpixel="bilinear")):
+            rows.emit(refine_row(scan, scan, settings, "xla", "jit"), start="flat")
+        out += rows.rows
+    return out
+
+
+def steady_seconds(refiner: Refiner, passes: int = 3) -> float:
+    """Median seconds of one pass of compiled steps over every position (steps only,
+    two warm-up passes first)."""
+    import tensorflow as tf
+
+    batches = refiner._batches(np.arange(refiner.scan.n_positions))
+    steps = (tf.constant(1.0), tf.constant(0.1), tf.constant(0.5))
+    times = []
+    for k in range(passes + 2):
+        begin = time.perf_counter()
+        for index in batches:
+            loss = refiner._step(index, *steps)
+        float(loss)
+        if k >= 2:
+            times.append(time.perf_counter() - begin)
+    return float(np.median(times))
+
+
+def run_modes(args) -> list[dict]:
+    """``--case modes``: a 3-mode scan refined with 3 modes (from the first mode, from
+    the true modes) and with one; then seconds per iteration with K = 1 and K = 3."""
+    scan = held_out_scan(1e6, probe_modes=3, coherence=0.3)
+    first = scan.replace(probe=scan.probe[0])
+    rows = Rows(args, scan, case="modes", true_powers=probes.powers(scan.probe).round(4).tolist())
+    options = RefineOptions(mode="full", eval_every=args.every, iterations=args.iterations or 30)
+    for start, source, k in (
+        ("first mode", first, 3),
+        ("true modes", scan, 3),
+        ("first mode", first, 1),
+    ):
+        settings = replace(options, probe_modes=k)
+        rows.emit(refine_row(source, scan, settings, "xla", "jit"), start=start, probe_modes=k)
+    for k in (1, 3):
+        refiner = Refiner(first, replace(options, probe_modes=k), shape=scan.object.shape)
+        row = {"mode": "full", "probe_modes": k, "seconds_per_iteration": steady_seconds(refiner)}
+        rows.emit(row, start="speed", translate="xla", compile="jit")
+    return rows.rows
+
+
+def run_n128(args) -> list[dict]:
+    """``--case n128``: seconds per iteration at the measured scan's size, PtyLab beside."""
+    scan = held_out_scan(1e6, n=128, n_positions=516)
+    rows = Rows(args, scan, case="n128")
+    options = RefineOptions(mode="full")
+    for k in (1, 3):
+        refiner = Refiner(scan, replace(options, probe_modes=k))
+        row = {"mode": "full", "probe_modes": k, "seconds_per_iteration": steady_seconds(refiner)}
+        if k == 1:
+            row["profile"] = profile(refiner)
+        rows.emit(row, translate="xla", compile="jit", start="speed")
+    try:
+        import PtyLab  # noqa: F401
+    except ImportError:
+        print("ptylab is not installed (pip install ptylab): no PtyLab rows", file=sys.stderr)
+        return rows.rows
+    for k in (1, 3):
+        row = {"mode": "mPIE+probe", "probe_modes": k, "seconds_per_iteration": ptylab(scan, k)}
+        rows.emit(row, translate="ptylab", compile="numpy", start="speed")
+    return rows.rows
+
+
+def profile(refiner: Refiner) -> dict:
+    """Milliseconds per minibatch of the step's compiled pieces, each timed alone: the
+    gather of the windows, the forward model (shifted probes, FFT, intensities), the
+    gradients of object, probe and positions, and the whole step (with the updates)."""
+    import tensorflow as tf
+
+    index = refiner._batches(np.arange(refiner.scan.n_positions))[0]
+    compiled = lambda f: tf.function(f, jit_compile=True)  # noqa: E731
+
+    @compiled
+    def gather(index):
+        indices, _, _ = refiner._windows(index)
+        return tf.reduce_sum(tf.gather_nd(tf.convert_to_tensor(refiner.canvas), indices))
+
+    @compiled
+    def forward(index):
+        indices, _, fraction = refiner._windows(index)
+        probe = tf.convert_to_tensor(refiner.probe)
+        patches = refiner._patches(refiner.canvas, indices, fraction)
+        return tf.reduce_sum(refiner._intensity(refiner._illuminations(probe, fraction), patches))
+
+    @compiled
+    def gradients(index):
+        return refiner.gradients(index)[1]
+
+    steps = (tf.constant(1.0), tf.constant(0.1), tf.constant(0.5))
+    pieces = {
+        "gather": (gather, (index,)),
+        "forward": (forward, (index,)),
+        "gradients": (gradients, (index,)),
+        "step": (refiner._step, (index, *steps)),
+    }
+    out = {}
+    for name, (function, inputs) in pieces.items():
+        times = []
+        for k in range(12):
+            begin = time.perf_counter()
+            result = function(*inputs)
+            for value in tf.nest.flatten(result):
+                value.numpy()
+            if k >= 2:
+                times.append(time.perf_counter() - begin)
+        out[f"{name}_ms"] = round(1e3 * float(np.median(times)), 2)
+    out["batch_size"] = refiner.batch_size
+    return out
+
+
+def ptylab(scan, modes: int, iterations: int = 5) -> float:
+    """Seconds per iteration of PtyLab's mPIE with probe update (``modes`` probe modes)
+    on ``scan``, its defaults otherwise, written to a temporary PtyLab file."""
+    import logging
+    import tempfile
+
+    import h5py
+    import PtyLab
+    from PtyLab import Engines
+
+    n, wavelength, distance, pixel = scan.n, 1e-9, 0.1, 1e-5
+    object_pixel = wavelength * distance / (n * pixel)
+    encoder = np.stack([scan.ycoords, scan.xcoords], 1) * object_pixel
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "scan.h5"
+        with h5py.File(path, "w") as handle:
+            handle["ptychogram"] = np.square(scan.diffraction)
+            handle["wavelength"] = wavelength
+            handle["encoder"] = encoder - encoder.mean(0)
+            handle["dxd"] = pixel
+            handle["zo"] = distance
+        logging.disable(logging.WARNING)
+        try:
+            _, reconstruction, params, _, engine = PtyLab.easyInitialize(
+                path, engine=Engines.mPIE, operationMode="CPM", dummyMonitor=True
             )
-        emit(
-            with_targets(refine_row(wrong, scan, options, "xla", "jit")),
-            start="flat",
-            position_error_px=1.0,
-        )
-    return rows
+            params.probeUpdateStart = 1
+            reconstruction.npsm = modes
+            reconstruction.initializeObjectProbe()
+            engine.numIterations = iterations
+            begin = time.perf_counter()
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                engine.reconstruct()
+            return (time.perf_counter() - begin) / iterations
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def plot(rows: list, path: str) -> None:
@@ -271,6 +478,7 @@ def plot(rows: list, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=("dose", "sharp", "modes", "n128"), default="dose")
     parser.add_argument("--nphotons", type=float, nargs="+", default=[1e6, 1e4])
     parser.add_argument("--iterations", type=int, help="default: refine.iterations")
     parser.add_argument("--epie-iterations", type=int, default=50)
@@ -286,7 +494,10 @@ def main() -> None:
         rows = [json.loads(line) for name in args.replot for line in open(name) if line.strip()]
         plot(rows, args.plot)
         return
-    rows = [row for dose in args.nphotons for row in run(dose, args)]
+    if args.case == "dose":
+        rows = [row for dose in args.nphotons for row in run(dose, args)]
+    else:
+        rows = {"sharp": run_sharp, "modes": run_modes, "n128": run_n128}[args.case](args)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if args.plot:

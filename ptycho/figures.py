@@ -204,9 +204,10 @@ def save_frc_png(comparison: Comparison, path, *, title: str = ""):
     return save_png(figure, path)
 
 
-def save_curves(history: list, path, *, title: str = ""):
+def save_curves(history: list, path, *, title: str = "", probe: np.ndarray | None = None):
     """PNG of a refinement's progress records against iterations: R-factor, ground-truth
-    SSIM when known, position error when known."""
+    SSIM when known, position error when known, the probe modes' power fractions when
+    there are several; with a (K, N, N) ``probe``, a row of the modes' amplitudes."""
     plt = pyplot()
     iterations = [r["iteration"] for r in history]
     panels = [("r_factor", "R-factor")]
@@ -214,21 +215,40 @@ def save_curves(history: list, path, *, title: str = ""):
         panels.append(("ssim", "SSIM"))
     if any("position_rmse" in r for r in history):
         panels.append(("position_rmse", "position error (px rms)"))
+    powers = sorted(k for k in history[-1] if k.startswith("mode_") and k.endswith("_power"))
+    if powers:
+        panels.append(("powers", "power fraction"))
+    modes = [] if probe is None or np.ndim(probe) != 3 else list(probe)
+    rows = 2 if modes else 1
+    columns = max(len(panels), len(modes))
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(4.2 * len(panels), 3.6), constrained_layout=True, squeeze=False
+        rows,
+        columns,
+        figsize=(4.2 * columns, 3.6 * rows),
+        constrained_layout=True,
+        squeeze=False,
     )
-    for axis, (key, label) in zip(axes[0], panels, strict=True):
-        if key == "ssim":
-            for name in ("amp_ssim", "phase_ssim"):
+    for axis, (key, label) in zip(axes[0], panels, strict=False):
+        names = {"ssim": ("amp_ssim", "phase_ssim"), "powers": powers}.get(key)
+        if names:
+            for name in names:
                 if any(name in r for r in history):
                     values = [r.get(name, math.nan) for r in history]
-                    axis.plot(iterations, values, "o-", label=name)
+                    axis.plot(iterations, values, "o-", label=name.replace("_power", ""))
             axis.legend()
         else:
             axis.plot(iterations, [r[key] for r in history], "o-")
         axis.set_xlabel("iteration")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    for axis in axes[0][len(panels) :]:
+        axis.axis("off")
+    for k, axis in enumerate(axes[1] if modes else []):
+        axis.axis("off")
+        if k < len(modes):
+            share = history[-1].get(f"mode_{k}_power", math.nan)
+            axis.imshow(np.abs(modes[k]), cmap="gray")
+            axis.set_title(f"probe mode {k}: |P|, {100 * share:.1f} % of the power")
     seconds = history[-1]["seconds"]
     figure.suptitle(f"{title}  ({iterations[-1]} iterations, {seconds:.1f} s)")
     return save_png(figure, path)

@@ -122,32 +122,35 @@ def initial_modes(probe: np.ndarray, k: int, power: float) -> np.ndarray:
     return np.stack(modes).astype(np.complex64)
 
 
-def coherent_modes(probe: np.ndarray, k: int, coherence: float) -> np.ndarray:
-    """(K, N, N) modes of a partially coherent beam around ``probe``, for simulations:
-    the probe and its derivatives of the lowest orders (what an extended source adds: a
-    field displaced by ``s`` is ``P - s . grad P + ...``), made orthogonal, with powers
-    falling by ``coherence`` from one mode to the next (0.3 for K = 3 gives 72 / 22 /
-    6 %). The total power is the probe's."""
+def coherent_modes(probe: np.ndarray, k: int, coherence: float, spread: float = 0.5) -> np.ndarray:
+    """(K, N, N) modes of a partially coherent beam around ``probe``, for simulations.
+
+    An extended source lights the sample from a spread of directions: the beam is an
+    incoherent mixture of the probe tilted, ``P(r) exp(2 pi i q . r)``, with ``q``
+    Gaussian of standard deviation ``spread`` detector pixels (the far field blurred by
+    as much). The modes are the leading singular vectors of that mixture (sampled on a
+    9 x 9 grid of tilts), with powers falling by ``coherence`` from one mode to the next
+    (0.3 for K = 3 gives 72 / 22 / 6 %); the total power is the probe's."""
     probe = np.asarray(probe).astype(np.complex128)
     if k < 1:
         raise ValueError(f"probe modes: K={k}, must be >= 1")
     if not 0 < coherence <= 1:
         raise ValueError(f"coherence {coherence}: must be in (0, 1]")
+    n = probe.shape[-1]
     total = float(np.sum(np.abs(probe) ** 2))
-    freq = 2j * np.pi * np.fft.fftfreq(probe.shape[-1])
-    spectrum = np.fft.fft2(probe)
-    candidates = [
-        np.fft.ifft2(spectrum * freq[None, :] ** a * freq[:, None] ** b)
-        for a, b in ((0, 0), *_orders(k - 1))
+    if k == 1:
+        return probe[None].astype(np.complex64)
+    tilts = np.linspace(-2.0, 2.0, 9) * spread / n  # cycles per pixel
+    weights = np.exp(-0.5 * (tilts * n / spread) ** 2)
+    coords = np.arange(n) - n / 2
+    rows = [
+        np.sqrt(wy * wx)
+        * (probe * np.exp(2j * np.pi * (qy * coords[:, None] + qx * coords[None, :]))).ravel()
+        for qy, wy in zip(tilts, weights, strict=True)
+        for qx, wx in zip(tilts, weights, strict=True)
     ]
+    _, _, vectors = np.linalg.svd(np.stack(rows), full_matrices=False)
     shares = coherence ** np.arange(k)
     shares = shares / shares.sum()
-    modes: list[np.ndarray] = []
-    for candidate in candidates:
-        modes.append(_gram_schmidt(modes, candidate))
-    return np.stack(
-        [
-            mode * np.sqrt(share * total / float(np.sum(np.abs(mode) ** 2)))
-            for mode, share in zip(modes, shares, strict=True)
-        ]
-    ).astype(np.complex64)
+    modes = vectors[:k].reshape(k, n, n)  # orthonormal, by decreasing power
+    return (modes * np.sqrt(shares * total)[:, None, None]).astype(np.complex64)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ptycho import probes
 from ptycho.data.scan import Scan, without_background
 from ptycho.errors import choice, require
 
@@ -570,14 +571,12 @@ def prepare(
         raise ValueError(
             f"{name}: the file holds no probe (probeGuess); give one with data.probe_path"
         )
-    probe = np.asarray(probe)
-    if probe.ndim == 3:  # modes: the first (strongest) one
-        probe = probe[0]
-    if probe.shape == (f, f) and (window, size) != (f, f):
-        probe = resample_probe(probe, window, size)
-    elif probe.shape != (size, size):
+    modes = probes.as_modes(np.asarray(probe))  # (K, N, N): modes are kept
+    if modes.shape[-2:] == (f, f) and (window, size) != (f, f):
+        modes = np.stack([resample_probe(mode, window, size) for mode in modes])
+    elif modes.shape[-2:] != (size, size):
         raise ValueError(
-            f"{name}: the probe is {probe.shape[0]} x {probe.shape[-1]} but the patterns "
+            f"{name}: the probe is {modes.shape[-2]} x {modes.shape[-1]} but the patterns "
             f"are {size} x {size} (frames {f}, window {window}, bin {options.bin}); give a "
             f"probe of {size} or {f} pixels (data.probe_path)"
         )
@@ -637,7 +636,7 @@ def prepare(
     _log_preparation(name, notes)
     return Scan(
         diffraction=diffraction,
-        probe=probe,
+        probe=probes.squeezed(modes),
         xcoords=x,
         ycoords=y,
         object=frames.object if window == f else None,

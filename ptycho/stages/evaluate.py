@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ptycho import figures
+from ptycho import figures, probes
 from ptycho.data.scan import Scan
 from ptycho.inference import NetworkReconstruction, ReconstructOptions, make_predict_fn, reconstruct
 from ptycho.scoring import Scorer
@@ -122,9 +122,11 @@ def log_evaluation(
     with writer.as_default(step=step):
         for tag, image in _images(result, scorer, truth).items():
             tf.summary.image(tag, image)
-        if probe is not None:
-            tf.summary.image("probe/amplitude", figures.grey_image(np.abs(probe)))
-            tf.summary.image("probe/phase", figures.grey_image(np.angle(probe)))
+        if probe is not None:  # one pair per mode: probe/amplitude, probe/amplitude_1, ...
+            for k, mode in enumerate(probes.as_modes(probe)):
+                suffix = f"_{k}" if k else ""
+                tf.summary.image(f"probe/amplitude{suffix}", figures.grey_image(np.abs(mode)))
+                tf.summary.image(f"probe/phase{suffix}", figures.grey_image(np.angle(mode)))
     writer.flush()
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ptycho import figures
+import numpy as np
+import tensorflow as tf
+
+from ptycho import figures, probes
 from ptycho.data.scan import Scan
 from ptycho.errors import TrainingDiverged
 from ptycho.progress import Progress
@@ -64,6 +67,8 @@ def run(
         if writer is not None:
             values = {k: v for k, v in record.items() if k != "iteration"}
             log_scalars(writer, tag, values, record["iteration"])
+            if options.refines_probe or refiner.modes > 1:
+                _log_modes(writer, tag, refiner.current_probe(), record["iteration"])
 
     try:
         result = refiner.run(
@@ -84,8 +89,18 @@ def run(
         **{k: v for k, v in final.items() if k not in ("iteration", "seconds", "loss")},
     }
     if curves is not None:
-        figures.save_curves(result.history, curves, title=f"refine={options.mode}")
+        figures.save_curves(
+            result.history, curves, title=f"refine={options.mode}", probe=result.probe
+        )
     return result
+
+
+def _log_modes(writer, tag: str, probe, step: int) -> None:
+    """``tag/probe_mode_k``: each probe mode's amplitude (the modes' power fractions are
+    the records' ``mode_k_power`` scalars)."""
+    with writer.as_default(step=step):
+        for k, mode in enumerate(probes.as_modes(probe)):
+            tf.summary.image(f"{tag}/probe_mode_{k}", figures.grey_image(np.abs(mode)))
 
 
 def refined_probe(

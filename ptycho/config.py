@@ -40,7 +40,7 @@ from ptycho.inference import ReconstructOptions
 from ptycho.model import ModelConfig
 from ptycho.refine import RefineMode, RefineOptions
 from ptycho.scoring import MetricsOptions
-from ptycho.stages.fit import FitOptions, ProbeSource
+from ptycho.stages.fit import FitOptions
 from ptycho.stages.write import OutputOptions
 from ptycho.warp import LegacyBackendUnderXLAError, TranslateOptions, check_compilable
 
@@ -184,11 +184,6 @@ def check_train(config: TrainConfig) -> None:
         config, ("data", "model", "train", "reconstruct", "refine", "distribute", "outputs")
     )
     _check_backend(config)
-    if config.train.probe == ProbeSource.refine and config.translate.backend != "xla":
-        raise ConfigError(
-            "train.probe=refine runs refine=full, which moves the positions through the "
-            "xla warp's offset gradient: use translate=xla, or give data.probe_path"
-        )
     data, model = config.data, config.model
     if data.source == DataSource.simulate and None not in (data.n, model.n) and data.n != model.n:
         raise ConfigError(

@@ -5,14 +5,20 @@ This module is the solver: its options, its variables and compiled steps, and it
 result. Running it as a stage of an application (progress, TensorBoard, curves, ground
 truth) is :mod:`ptycho.stages.refine`.
 
-The object is a canvas variable; patch j is cut out of it at ``position_j`` exactly as
-the simulator does (an integer window, then the sub-pixel remainder through the
-project's :func:`ptycho.warp.translate`), multiplied by the probe and propagated to the
-far field (docs/design.md, section 3). The loss is the Poisson negative log-likelihood of the counts
-``a^2`` under the rates ``s |Psi|^2``, summed over a minibatch of positions; one step
-(gather, warp, FFT, loss, gradients, update) is one compiled function, XLA-compiled
-with ``compile_mode="jit"``. The offsets' gradient comes through the warp's sub-pixel
-shift, which is why position refinement needs ``backend="xla"``.
+The object is a canvas variable; patch j is its integer window at ``position_j`` and the
+sub-pixel remainder ``f`` goes either to the probe modes, shifted exactly through their
+spectra (``subpixel="fourier"``: the exit wave ``P_k(r - f) O(w + r)`` is the wave
+``P_k(r) O(w + f + r)`` moved by ``f``, the same far-field intensity), or to the window,
+shifted by the project's :func:`ptycho.warp.translate` (``subpixel="bilinear"``, the
+network's interpolation). The far-field intensity is the sum over the K probe modes of
+``|F(P_k O)|^2`` (docs/design.md, section 3; K = 1: one coherent probe). The loss is the
+Poisson negative log-likelihood of the counts ``a^2`` under the rates ``s I``, summed
+over a minibatch of positions; one step (gather, shifts, FFTs, loss, gradients, update)
+is one compiled function, XLA-compiled with ``compile_mode="jit"``. The positions'
+gradient comes through the probe's phase ramp (``fourier``) or the warp's offset
+gradient (``bilinear``, which is why that model needs ``backend="xla"`` to move them).
+The counts are kept with the zero frequency in the corner, so the step needs no
+fftshift.
 
 Update rules (chosen by measurement: ``benchmarks/refine.py``,
 ``benchmarks/results/refine_cpu.jsonl``):
@@ -28,7 +34,10 @@ Update rules (chosen by measurement: ``benchmarks/refine.py``,
   ``max_position_step`` pixels per step, the corrections' mean held at zero (a common
   shift of every position is unobservable) and each correction bounded by
   ``max_position_correction``.
-- probe: the gradient divided by ``4 (sum_batch |o_j|^2 + ...)``.
+- probe: the gradient of each mode divided by ``4 (sum_batch |o_j|^2 + ...)``; with
+  K > 1 the modes are made orthogonal and sorted by power every
+  ``orthogonalise_every`` iterations and at the end (a unitary mixture: every
+  predicted pattern unchanged).
 
 Far from the solution the Poisson gradient ``(1 - n / I) Psi`` is unbounded where the
 model's intensity ``I`` is much smaller than the counts ``n``; below ``I = n / (1 +
@@ -95,7 +104,8 @@ class RefineOptions:
 
     mode: RefineMode = RefineMode.off
     """``off``; ``object``; ``positions`` (object and scan positions); ``full`` (also the
-    probe). Positions need ``translate=xla`` (the legacy warp has no offset gradient)."""
+    probe). With ``subpixel=bilinear`` positions need ``translate=xla`` (the legacy warp
+    has no offset gradient)."""
     iterations: int = 30
     """Passes over every scan position."""
     max_seconds: float | None = None

@@ -59,8 +59,14 @@ def test_train_keeps_the_networks_figures_beside_the_refined_ones(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["translate=legacy", "compile=graph", "refine=positions"], "use translate=xla"),
-        (["translate=legacy", "compile=graph", "refine=full"], "use translate=xla"),
+        (
+            ["translate=legacy", "compile=graph", "refine=positions", "refine.subpixel=bilinear"],
+            "use refine.subpixel=fourier, translate=xla",
+        ),
+        (
+            ["translate=legacy", "compile=graph", "refine=full", "refine.subpixel=bilinear"],
+            "use refine.subpixel=fourier, translate=xla",
+        ),
         (["refine=object", "refine.iterations=0"], "refine.iterations=0: must be >= 1"),
     ],
 )

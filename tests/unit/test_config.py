@@ -119,12 +119,15 @@ def test_the_composed_schema_refuses_unknown_keys():
         (["data=npz"], "data.path is required"),
         (["data=npz", "data.path=/no/such.npz"], r"^data.path=/no/such.npz: no such file$"),
         (["model.n=64", "data.n=128"], r"^data.n=128 but model.n=64: .* set model.n=128"),
-        (["translate=legacy", "compile=graph", "refine=positions"], "use translate=xla"),
-        (["distribute.cpu_devices=-1"], r"^distribute.cpu_devices=-1: must be >= 0$"),
         (
-            ["translate=legacy", "compile=graph", "train.probe=refine"],
-            r"^train.probe=refine runs refine=full, .* use translate=xla, or give data.probe_path",
+            ["translate=legacy", "compile=graph", "refine=positions", "refine.subpixel=bilinear"],
+            "use refine.subpixel=fourier, translate=xla",
         ),
+        (["distribute.cpu_devices=-1"], r"^distribute.cpu_devices=-1: must be >= 0$"),
+        (["refine=full", "refine.probe_modes=0"], r"^refine.probe_modes=0: must be >= 1"),
+        (["model.probe_modes=0"], r"^model.probe_modes=0: must be >= 1"),
+        (["data.probe_modes=0"], r"^data.probe_modes=0: must be >= 1$"),
+        (["data.coherence=0"], r"^data.coherence=0.0: must be in \(0, 1\]$"),
     ],
 )
 def test_each_rule_is_one_config_error_naming_the_field(overrides, match):

@@ -22,6 +22,8 @@ from ptycho.data import (
     simulate,
     tile_groups,
 )
+from ptycho.data.simulate import fourier_patches
+from ptycho.stitch import extract_patches
 
 
 def numpy_patch(obj: np.ndarray, x: float, y: float, n: int) -> np.ndarray:
@@ -36,11 +38,21 @@ def numpy_patch(obj: np.ndarray, x: float, y: float, n: int) -> np.ndarray:
     return sample(obj.real.astype(np.float64)) + 1j * sample(obj.imag.astype(np.float64))
 
 
-def direct_amplitudes(scan: Scan) -> np.ndarray:
+def fourier_patch(obj: np.ndarray, x: float, y: float, n: int) -> np.ndarray:
+    """N x N window centred on (x, y), the whole object (continued by reflection)
+    shifted through its spectrum by scipy, independently of the simulator's windows."""
+    padded = np.pad(obj.astype(np.complex128), n, mode="reflect")
+    row, col = int(np.floor(y - n / 2)), int(np.floor(x - n / 2))
+    shift = (row - (y - n / 2), col - (x - n / 2))  # move the point (y, x) onto the grid
+    moved = np.fft.ifft2(scipy.ndimage.fourier_shift(np.fft.fft2(padded), shift))
+    return moved[row + n : row + 2 * n, col + n : col + 2 * n]
+
+
+def direct_amplitudes(scan: Scan, patch=numpy_patch) -> np.ndarray:
     n = scan.n
     out = []
     for x, y in zip(scan.xcoords, scan.ycoords, strict=True):
-        exit_wave = scan.probe.astype(np.complex128) * numpy_patch(scan.object, x, y, n)
+        exit_wave = scan.probe.astype(np.complex128) * patch(scan.object, x, y, n)
         out.append(np.abs(np.fft.fftshift(np.fft.fft2(exit_wave))) / n)
     return np.array(out)
 
@@ -50,14 +62,47 @@ def direct_amplitudes(scan: Scan) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("jitter", [0.0, 0.05], ids=["integer", "subpixel"])
-def test_noiseless_amplitudes_equal_the_direct_far_field(jitter):
-    scan = simulate(n=32, n_positions=16, step=0.25, jitter=jitter, nphotons=None, seed=3)
+@pytest.mark.parametrize(
+    "jitter, subpixel, tolerance",
+    # Fourier: against the whole object shifted by scipy, on a smooth object; the two
+    # differ next to the object's edges, which scipy continues by reflection.
+    [(0.0, "fourier", 1e-4), (0.05, "bilinear", 1e-4), (0.05, "fourier", 2e-3)],
+    ids=["integer", "subpixel-bilinear", "subpixel-fourier"],
+)
+def test_noiseless_amplitudes_equal_the_direct_far_field(jitter, subpixel, tolerance):
+    kind = "grf" if subpixel == "fourier" else "lines"
+    scan = simulate(
+        n=32, n_positions=16, step=0.25, jitter=jitter, nphotons=None, seed=3,
+        subpixel=subpixel, object_kind=kind,
+    )  # fmt: skip
     integer = np.allclose(scan.xcoords, np.round(scan.xcoords))
     assert integer == (jitter == 0.0)
-    expected = direct_amplitudes(scan)
+    expected = direct_amplitudes(scan, numpy_patch if subpixel == "bilinear" else fourier_patch)
     scale = np.abs(expected).max()
-    assert np.max(np.abs(scan.diffraction - expected)) <= 1e-4 * scale
+    error = np.max(np.abs(scan.diffraction - expected))
+    assert error <= tolerance * scale
+    if jitter:  # the two models differ: the test tells them apart
+        other = direct_amplitudes(scan, fourier_patch if subpixel == "bilinear" else numpy_patch)
+        assert np.max(np.abs(scan.diffraction - other)) > 3 * error
+
+
+def test_fourier_patches_shift_a_smooth_object_exactly():
+    """Against the analytic object at the shifted points; the warp's bilinear patches
+    are 40x further off."""
+    rows, cols = np.mgrid[:160, :160].astype(np.float64)
+
+    def smooth(y, x):
+        amplitude = 1 + 0.3 * np.cos(2 * np.pi * (0.05 * x + 0.03 * y))
+        return amplitude * np.exp(0.5j * np.sin(2 * np.pi * (0.02 * x - 0.04 * y)))
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(30, 130, 12), rng.uniform(30, 130, 12)
+    exact = fourier_patches(smooth(rows, cols), x, y, 32)
+    bilinear = extract_patches(smooth(rows, cols).astype(np.complex64), x, y, 32)
+    for j in range(12):
+        truth = smooth((y[j] - 16 + np.arange(32))[:, None], (x[j] - 16 + np.arange(32))[None])
+        assert np.abs(exact[j] - truth).max() < 5e-4
+        assert np.abs(bilinear[j] - truth).max() > 20 * np.abs(exact[j] - truth).max()
 
 
 def test_far_field_is_unitary():

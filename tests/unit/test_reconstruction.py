@@ -105,13 +105,15 @@ def grid_scan():
 
 @pytest.fixture(scope="module")
 def jittered_scan():
-    """Noiseless scan at sub-pixel positions over a smooth object."""
+    """Noiseless scan at sub-pixel positions over a smooth object (patches cut with the
+    warp, the interpolation the network's stitching inverts)."""
     return simulate(
         n=N,
         n_positions=36,
         step=0.125,
         jitter=0.03,
         nphotons=None,
+        subpixel="bilinear",
         object_kind="grf",
         correlation_length=6.0,
         seed=12,

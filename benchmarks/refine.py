@@ -443,37 +443,59 @@ def ptylab(scan, modes: int, iterations: int = 5) -> float:
 
 
 def plot(rows: list, path: str) -> None:
-    """Per dose: amp SSIM and phase SSIM against iterations, amp SSIM against seconds
-    (xla+jit rows and ePIE)."""
+    """One row of panels per scan (case, images, dose): amp SSIM and phase SSIM against
+    iterations, amp SSIM against seconds, and the R-factor against iterations (xla+jit
+    rows and ePIE)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("iteration", "amp_ssim"), ("iteration", "phase_ssim"), ("seconds", "amp_ssim"))
-    doses = sorted({r["nphotons"] for r in rows}, reverse=True)
-    figure, axes = plt.subplots(len(doses), 3, figsize=(16, 4.3 * len(doses)), squeeze=False)
-    for axes_row, dose in zip(axes, doses, strict=True):
-        shown = [r for r in rows if r["nphotons"] == dose and r["compile"] != "graph"]
+    panels = (
+        ("iteration", "amp_ssim"),
+        ("iteration", "phase_ssim"),
+        ("seconds", "amp_ssim"),
+        ("iteration", "r_factor"),
+    )
+    curves = [r for r in rows if "curve" in r and r["compile"] != "graph"]
+    scans = list(
+        dict.fromkeys((r.get("case", "dose"), r.get("images"), r["nphotons"]) for r in curves)
+    )
+    figure, axes = plt.subplots(
+        len(scans), len(panels), figsize=(21, 4.3 * len(scans)), squeeze=False
+    )
+    for axes_row, (case, images, dose) in zip(axes, scans, strict=True):
+        shown = [
+            r
+            for r in curves
+            if (r.get("case", "dose"), r.get("images"), r["nphotons"]) == (case, images, dose)
+        ]
         for row in shown:
-            label = (
-                f"{row['translate']} {row['mode']}, {row['start']} start, {row['iterations']} its"
-            )
+            label = f"{row['translate']} {row['mode']}"
+            if row.get("subpixel"):
+                label += f" {row['subpixel']}"
+            if row.get("probe_modes"):
+                label += f" K={row['probe_modes']}"
+            label += f", {row['start']} start, {row['iterations']} its"
             if row.get("position_error_px"):
                 label += f", {row['position_error_px']:g} px position errors"
             curve = row["curve"]
             for axis, (x, y) in zip(axes_row, panels, strict=True):
-                axis.plot([p[x] for p in curve], [p[y] for p in curve], "o-", label=label, ms=3)
+                points = [(p[x], p[y]) for p in curve if p.get(y) is not None]
+                if points:
+                    axis.plot(*zip(*points, strict=True), "o-", label=label, ms=3)
         for axis, (x, y) in zip(axes_row, panels, strict=True):
-            values = [p[y] for r in shown for p in r["curve"][1:]]
-            axis.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.01))
+            values = [p[y] for r in shown for p in r["curve"][1:] if p.get(y) is not None]
+            if y != "r_factor" and values:
+                axis.set_ylim(max(0.0, min(values) - 0.02), min(1.0, max(values) + 0.01))
             axis.set_xlabel("seconds" if x == "seconds" else "iterations")
             axis.set_ylabel(y.replace("_", " "))
-            axis.set_title(f"{dose:.0e} photons per pattern")
+            scan = f"{case}{', ' + images if images else ''}"
+            axis.set_title(f"{scan}: {dose:.0e} photons per pattern")
             axis.grid(alpha=0.3)
         axes_row[1].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    figure.savefig(path, dpi=80)
 
 
 def main() -> None:

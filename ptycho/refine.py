@@ -409,10 +409,6 @@ class Refiner:
         self._forward = compiled(self._forward_impl, compile_mode)
         self._fit_probe_scale()
 
-    # ----------------------------------------------------------------------------------
-    # The forward model on a minibatch
-    # ----------------------------------------------------------------------------------
-
     @staticmethod
     def _starting_modes(probe, options: RefineOptions) -> np.ndarray:
         """(K, N, N) complex64 modes: the probe's own, or more started from its first."""

@@ -167,24 +167,13 @@ class ModelConfig:
 
     def check_modes(self, probe_modes: int) -> None:
         """``ValueError`` (one line, the fix) when a probe of ``probe_modes`` modes
-        cannot give the ``probe_modes`` asked for."""
-        wanted = self.probe_modes or probe_modes
-        require(
-            [
-                (
-                    probe_modes in (1, wanted),
-                    f"model.probe_modes={wanted} but the probe has {probe_modes} modes: set "
-                    f"model.probe_modes={probe_modes} (or null), or give a probe of {wanted} "
-                    "modes",
-                ),
-                (
-                    probe_modes == wanted or self.probe_trainable,
-                    f"model.probe_modes={wanted} starts {wanted - 1} new modes from a single "
-                    "probe, which only a trainable probe can fit: set "
-                    "model.probe_trainable=true, or give data.probe_path a probe of "
-                    f"{wanted} modes (a refined run's, refine.probe_modes={wanted})",
-                ),
-            ]
+        cannot give the ``probe_modes`` asked for (:func:`ptycho.probes.check_modes`)."""
+        probes.check_modes(
+            "model.probe_modes",
+            self.probe_modes,
+            probe_modes,
+            self.probe_trainable,
+            "only a trainable probe can fit: set model.probe_trainable=true",
         )
 
     @property

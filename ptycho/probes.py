@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "as_modes",
+    "check_modes",
     "coherent_modes",
     "initial_modes",
     "intensity",
@@ -32,6 +33,24 @@ def as_modes(probe: np.ndarray) -> np.ndarray:
     if probe.ndim != 3 or probe.shape[1] != probe.shape[2] or len(probe) < 1:
         raise ValueError(f"a probe is (N, N) or (K, N, N) with K >= 1, got shape {probe.shape}")
     return probe
+
+
+def check_modes(field: str, asked: int | None, have: int, can_add: bool, to_add: str) -> None:
+    """``ValueError`` (one line, the fix) when a probe of ``have`` modes cannot give the
+    ``asked`` modes of option ``field`` (null: the probe's own): another K than a K-mode
+    probe has, or new modes from a single probe where they cannot be fitted
+    (``can_add`` False; ``to_add`` says what would fit them)."""
+    wanted = asked or have
+    if have not in (1, wanted):
+        raise ValueError(
+            f"{field}={wanted} but the probe has {have} modes: set {field}={have} (or null), "
+            f"or give a probe of {wanted} modes"
+        )
+    if have != wanted and not can_add:
+        raise ValueError(
+            f"{field}={wanted} starts {wanted - 1} new modes from a single probe, which "
+            f"{to_add}, or give data.probe_path a probe of {wanted} modes"
+        )
 
 
 def squeezed(modes: np.ndarray) -> np.ndarray:

@@ -210,23 +210,13 @@ class RefineOptions:
 
     def check_modes(self, probe_modes: int) -> None:
         """``ValueError`` (one line, the fix) when a probe of ``probe_modes`` modes
-        cannot give the ``probe_modes`` asked for."""
-        wanted = self.probe_modes or probe_modes
-        require(
-            [
-                (
-                    probe_modes in (1, wanted),
-                    f"refine.probe_modes={wanted} but the probe has {probe_modes} modes: set "
-                    f"refine.probe_modes={probe_modes} (or null), or give a probe of {wanted} "
-                    "modes",
-                ),
-                (
-                    probe_modes == wanted or self.refines_probe,
-                    f"refine.probe_modes={wanted} starts {wanted - 1} new modes from a single "
-                    f"probe, which only refine=full refines (refine={self.mode}): use "
-                    f"refine=full, or give data.probe_path a probe of {wanted} modes",
-                ),
-            ]
+        cannot give the ``probe_modes`` asked for (:func:`ptycho.probes.check_modes`)."""
+        probes.check_modes(
+            "refine.probe_modes",
+            self.probe_modes,
+            probe_modes,
+            self.refines_probe,
+            f"only refine=full refines (refine={self.mode}): use refine=full",
         )
 
     def check_backend(self, backend: str) -> None:

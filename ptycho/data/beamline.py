@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ptycho import probes
 from ptycho.data.cxi import write_cxi
 from ptycho.data.io import save_scan
 from ptycho.data.prepare import ELECTRON_VOLT, PLANCK_TIMES_C
@@ -78,6 +79,11 @@ class BeamlineSpec:
     energy_ev: float = 8000.0
     distance: float = 2.0
     pixel: float = 75e-6
+    probe_modes: int = 1
+    """Incoherent probe modes of the beam (1: fully coherent; a partially coherent beam
+    as :func:`ptycho.probes.coherent_modes` makes it)."""
+    coherence: float = 0.3
+    """Power of each mode over the one before it (``probe_modes`` > 1)."""
     seed: int = 0
 
 
@@ -134,7 +140,8 @@ def simulate_beamline(spec: BeamlineSpec | None = None) -> BeamlineScan:
     size = (math.ceil(y.max() + n / 2) + 1, math.ceil(x.max() + n / 2) + 1)
     obj = make_object(size, kind="lines", seed=spec.seed)  # the project's default sample
     patches = extract_patches(obj, x, y, n)
-    intensity = np.abs(far_field(probe * patches)) ** 2
+    probe = probes.squeezed(probes.coherent_modes(probe, spec.probe_modes, spec.coherence))
+    intensity = np.sum(np.abs(far_field(probes.as_modes(probe)[:, None] * patches)) ** 2, 0)
     scale = spec.nphotons / intensity.sum(axis=(1, 2)).mean()
     signal = rng.poisson(scale * intensity).astype(np.uint32)  # (M, N, N), centred
 
@@ -218,10 +225,18 @@ def main(argv=None) -> None:
     parser.add_argument("--frame", type=int, default=BeamlineSpec.frame)
     parser.add_argument("--side", type=int, default=BeamlineSpec.side)
     parser.add_argument("--nphotons", type=float, default=BeamlineSpec.nphotons)
+    parser.add_argument("--probe-modes", type=int, default=BeamlineSpec.probe_modes)
+    parser.add_argument("--coherence", type=float, default=BeamlineSpec.coherence)
     parser.add_argument("--seed", type=int, default=BeamlineSpec.seed)
     args = parser.parse_args(argv)
     spec = BeamlineSpec(
-        n=args.n, frame=args.frame, side=args.side, nphotons=args.nphotons, seed=args.seed
+        n=args.n,
+        frame=args.frame,
+        side=args.side,
+        nphotons=args.nphotons,
+        probe_modes=args.probe_modes,
+        coherence=args.coherence,
+        seed=args.seed,
     )
     scan = write_beamline(args.path, spec)
     print(

@@ -170,3 +170,23 @@ def test_refinement_refuses_modes_it_cannot_have():
         RefineOptions(probe_modes=0).check()
     with pytest.raises(ValueError, match=r"Scan.probe: expected shape \(32, 32\), or \(K, 32"):
         scan.replace(probe=np.ones((3, 16, 16), np.complex64))
+
+
+def test_the_beamline_preset_can_have_a_partially_coherent_beam():
+    """Its ideal counts against numpy: the truth's patches under each true mode, the
+    intensities added (Poisson: the total over the scan within 3 sigma)."""
+    from ptycho.data.beamline import BeamlineSpec, simulate_beamline
+    from ptycho.stitch import extract_patches
+
+    spec = BeamlineSpec(n=64, frame=128, side=6, gap=(15, 2), beamstop=2.0, probe_modes=2)
+    ideal = simulate_beamline(spec).ideal
+    modes = ideal.metadata["true_probe"].astype(np.complex128)  # in count units
+    assert modes.shape == (2, 64, 64)
+    np.testing.assert_allclose(probes.powers(modes), [1 / 1.3, 0.3 / 1.3], rtol=1e-5)
+    patches = extract_patches(ideal.object, ideal.xcoords, ideal.ycoords, 64)
+    far = np.fft.fftshift(np.fft.fft2(modes[:, None] * patches), axes=(-2, -1)) / 64
+    expected = np.sum(np.abs(far) ** 2, axis=0)
+    counts = ideal.diffraction.astype(np.float64) ** 2
+    assert abs(counts.sum() - expected.sum()) < 3 * np.sqrt(expected.sum())
+    bright = expected > 100  # per pixel, where Poisson noise is small against the rate
+    assert np.abs(counts[bright] - expected[bright]).mean() < 0.1 * expected[bright].mean()

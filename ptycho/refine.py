@@ -680,16 +680,20 @@ class Refiner:
             loss = 0.0
             for index in self._batches(rng.permutation(self.scan.n_positions)):
                 loss = self._step(index, *steps)
-            if self.modes > 1 and probe_step and (iteration + 1) % options.orthogonalise_every == 0:
-                self.orthogonalise()
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(
                     f"the refinement diverged at iteration {iteration + 1} (loss {float(loss)}); "
                     "lower refine.step"
                 )
-            seconds += time.perf_counter() - begin
             done = iteration + 1
-            out_of_time = options.max_seconds is not None and seconds >= options.max_seconds
+            out_of_time = (
+                options.max_seconds is not None
+                and seconds + time.perf_counter() - begin >= options.max_seconds
+            )
+            last = done == options.iterations or out_of_time
+            if self.modes > 1 and probe_step and (done % options.orthogonalise_every == 0 or last):
+                self.orthogonalise()  # the last records and the result: orthogonal modes
+            seconds += time.perf_counter() - begin
             if done % options.eval_every == 0 or done == options.iterations or out_of_time:
                 record = self._record(done, seconds, score, true_positions)
                 seconds += record.pop("_pass_seconds")
@@ -699,8 +703,6 @@ class Refiner:
                     on_record(record)
             if out_of_time:
                 break
-        if self.modes > 1 and options.refines_probe:
-            self.orthogonalise()
         obj, mask = self.current_object()
         positions = self.positions()
         final = history[-1]

@@ -6,9 +6,19 @@ frequency at the centre, so that ``sum |Psi|^2 = sum |P o|^2`` (docs/design.md, 
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import numpy as np
 
-__all__ = ["far_field", "far_field_amplitude", "far_field_amplitude_tf"]
+__all__ = ["Subpixel", "far_field", "far_field_amplitude", "far_field_amplitude_tf"]
+
+
+class Subpixel(StrEnum):
+    """How a patch at a fractional position is formed: ``fourier``, an exact shift
+    through the spectrum; ``bilinear``, the project's warp (docs/design.md, section 3)."""
+
+    fourier = "fourier"
+    bilinear = "bilinear"
 
 
 def far_field(exit_waves: np.ndarray) -> np.ndarray:

@@ -63,6 +63,7 @@ from ptycho import probes
 from ptycho.data.scan import Scan
 from ptycho.errors import choice, require
 from ptycho.hardware import compiled
+from ptycho.physics import Subpixel
 from ptycho.reconstruction import Reconstruction
 from ptycho.stitch import illumination, object_shape_for
 from ptycho.warp import Backend, check_compilable, translate
@@ -91,11 +92,6 @@ class RefineMode(StrEnum):
 class RefineLoss(StrEnum):
     poisson = "poisson"
     amplitude = "amplitude"
-
-
-class Subpixel(StrEnum):
-    fourier = "fourier"
-    bilinear = "bilinear"
 
 
 @dataclass
@@ -458,18 +454,13 @@ class Refiner:
         angle = -2.0 * math.pi * fraction[:, :, None] * self.frequencies[None, None, :]
         ramp = tf.complex(tf.cos(angle), tf.sin(angle))  # (B, 2, N): [x, y]
         ramp = ramp[:, 1, :, None] * ramp[:, 0, None, :]  # (B, N rows, N cols)
-        # The far field's 1/N is applied here, to the K spectra, rather than to B K fields.
-        spectra = tf.signal.fft2d(modes) / tf.cast(self.n, tf.complex64)
-        return tf.signal.ifft2d(spectra[None] * ramp[:, None])
+        return tf.signal.ifft2d(tf.signal.fft2d(modes)[None] * ramp[:, None])
 
     def _intensity(self, illuminations, patches):
         """(B, N, N) far-field intensity ``sum_k |fft2(P_k O) / N|^2``, zero frequency in
-        the corner (the order the counts are kept in; ``fourier``: the illuminations
-        carry the 1/N)."""
+        the corner (the order the counts are kept in)."""
         wave = illuminations * patches[:, None]
-        far = tf.signal.fft2d(wave)
-        if self.options.subpixel == Subpixel.bilinear:
-            far = far / self.n
+        far = tf.signal.fft2d(wave) / self.n
         return tf.reduce_sum(tf.math.real(far) ** 2 + tf.math.imag(far) ** 2, axis=1)
 
     def _measurable(self, intensity):
@@ -516,8 +507,8 @@ class Refiner:
         """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
         the probe modes (K, N, N, 2) and the positions of ``index`` (B, 2) [x, y], at
         the current variables (or at the ``canvas`` / ``probe`` given), and the
-        minibatch's (window indices, patches, illuminations). Gradients not in ``wrt``
-        are zeros and cost nothing: XLA drops their part of the backward pass."""
+        minibatch's (window indices, patches). Gradients not in ``wrt`` are zeros and
+        cost nothing: XLA drops their part of the backward pass."""
         options = self.options
         indices, _, fraction = self._windows(index)
         counts = tf.gather(self.counts, index)
@@ -541,7 +532,7 @@ class Refiner:
             tf.zeros_like(value) if found.get(name) is None else tf.convert_to_tensor(found[name])
             for name, value in sources.items()
         ]
-        return loss, grads, (indices, patches, illuminations)
+        return loss, grads, (indices, patches)
 
     def _step_impl(self, index, object_step, position_step, probe_step):
         """One minibatch update of every variable being refined (steps 0 leave one
@@ -553,7 +544,7 @@ class Refiner:
             + ["positions"] * options.refines_positions
             + ["probe"] * options.refines_probe
         )
-        loss, (grad_canvas, grad_probe, gradient), (indices, patches, _) = self.gradients(
+        loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(
             index, wrt=wrt
         )
         canvas = tf.convert_to_tensor(self.canvas)

@@ -16,7 +16,7 @@ import scipy.ndimage
 from ptycho import probes
 from ptycho.data.scan import Scan
 from ptycho.errors import choice, require
-from ptycho.physics import far_field
+from ptycho.physics import Subpixel, far_field
 from ptycho.stitch import extract_patches
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "ProbeKind",
     "ScanKind",
     "SimulationSpec",
-    "SubpixelShift",
     "make_object",
     "make_probe",
     "fourier_patches",
@@ -53,11 +52,6 @@ class ScanKind(StrEnum):
     grid = "grid"
     spiral = "spiral"
     random = "random"
-
-
-class SubpixelShift(StrEnum):
-    fourier = "fourier"
-    bilinear = "bilinear"
 
 
 OBJECT_KINDS = tuple(ObjectKind)
@@ -381,7 +375,7 @@ class SimulationSpec:
     make; the true positions are kept in ``metadata["true_positions"]`` for metrics."""
     nphotons: float | None = 1e9
     """Mean total counts per pattern (Poisson); null: noiseless, unscaled ``|Psi|``."""
-    subpixel: SubpixelShift = SubpixelShift.fourier
+    subpixel: Subpixel = Subpixel.fourier
     """How a patch at a fractional position is cut: ``fourier`` (an exact band-limited
     shift of the object, as a real sample moves) or ``bilinear`` (the project's warp,
     the network's own interpolation). Whole-pixel positions (the default raster) are
@@ -405,7 +399,7 @@ class SimulationSpec:
             [
                 (self.n >= 16 and self.n % 2 == 0, f"n={self.n}: must be even and >= 16"),
                 (self.n_positions >= 1, f"n_positions={self.n_positions}: must be >= 1"),
-                choice("subpixel", self.subpixel, SubpixelShift),
+                choice("subpixel", self.subpixel, Subpixel),
                 (self.probe_modes >= 1, f"probe_modes={self.probe_modes}: must be >= 1"),
                 (0 < self.coherence <= 1, f"coherence={self.coherence}: must be in (0, 1]"),
                 (
@@ -480,7 +474,7 @@ def simulate(spec: SimulationSpec | None = None, /, **changes) -> Scan:
     )
     # Exact shifts read the object up to a quarter of N beyond each patch: it is drawn
     # that much larger, then cut back (whole-pixel scans are drawn as they always were).
-    fourier = spec.subpixel == SubpixelShift.fourier and not (
+    fourier = spec.subpixel == Subpixel.fourier and not (
         np.all(x == np.round(x)) and np.all(y == np.round(y))
     )
     margin = spec.margin + (n // 4 if fourier else 0)

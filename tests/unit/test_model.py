@@ -51,9 +51,7 @@ def first_batch(scan, gridsize, batch_size=8):
 
 @pytest.mark.parametrize("jitter", [0.0, 0.05])
 def test_physics_layers_reproduce_simulated_amplitudes(jitter):
-    scan = simulate(
-        n=64, n_positions=16, jitter=jitter, nphotons=None, seed=2, subpixel="bilinear"
-    )
+    scan = simulate(n=64, n_positions=16, jitter=jitter, nphotons=None, seed=2, subpixel="bilinear")
     # Ground-truth patches cut independently (scipy), not with the project's warp.
     import scipy.ndimage
 

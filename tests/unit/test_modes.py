@@ -6,6 +6,8 @@ tests/unit/test_refine.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -112,13 +114,10 @@ def test_the_network_refuses_modes_it_cannot_have():
     modes = simulate(n=64, n_positions=4, probe_modes=3, nphotons=None).probe
     config = ModelConfig(precision="float32", filters=4).resolved("graph", 64)
     with pytest.raises(ValueError, match=r"^model.probe_modes=2 but the probe has 3 modes"):
-        build_model(
-            config.__class__(**{**vars(config), "probe_modes": 2}), probe=modes, norm_factor=1.0
-        )
-    fixed = config.__class__(**{**vars(config), "probe_modes": 2})
+        build_model(replace(config, probe_modes=2), probe=modes, norm_factor=1.0)
     with pytest.raises(ValueError, match=r"only a trainable probe can fit"):
-        build_model(fixed, probe=modes[0], norm_factor=1.0)
-    trainable = config.__class__(**{**vars(config), "probe_modes": 2, "probe_trainable": True})
+        build_model(replace(config, probe_modes=2), probe=modes[0], norm_factor=1.0)
+    trainable = replace(config, probe_modes=2, probe_trainable=True)
     training, _ = build_model(trainable, probe=modes[0], norm_factor=1.0)
     assert tuple(training.get_layer("illumination").probe.shape) == (2, 64, 64)
     with pytest.raises(ValueError, match=r"probe_modes=0: must be >= 1"):

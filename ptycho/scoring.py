@@ -13,14 +13,23 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.ndimage
 from scipy.spatial import cKDTree
 
 from ptycho import metrics
 from ptycho.data.grouping import scan_step
 from ptycho.data.scan import Scan
 from ptycho.reconstruction import Reconstruction
+from ptycho.stitch import illumination
 
-__all__ = ["Comparison", "MetricsOptions", "Scorer", "compare_to_truth", "scan_region"]
+__all__ = [
+    "Comparison",
+    "MetricsOptions",
+    "Scorer",
+    "compare_to_truth",
+    "SCORED_FRACTION",
+    "scan_region",
+]
 
 
 @dataclass
@@ -33,18 +42,37 @@ class MetricsOptions:
     """Also remove a phase plane (the global phase offset is always removed)."""
 
 
-def scan_region(scan: Scan, reach: float = 2.0) -> tuple[slice, slice]:
-    """The scored region: the largest axis-aligned rectangle inside the bounding box of
-    the patch centres whose every pixel lies within ``reach`` scan steps of a patch
-    centre. On a raster that is the whole box; on a Fermat spiral (a disk of positions)
-    or any scan that does not fill its box, the unscanned corners stay out."""
+SCORED_FRACTION = 0.25
+"""Summed probe intensity, as a fraction of its maximum, that counts a pixel as lit."""
+
+
+def scan_region(scan: Scan, fraction: float = SCORED_FRACTION) -> tuple[slice, slice]:
+    """The scored region: the largest axis-aligned rectangle of lit pixels inside the
+    bounding box of the patch centres.
+
+    A pixel is lit where the summed probe intensity of every position
+    (:func:`ptycho.stitch.illumination`) reaches ``fraction`` of its maximum, with holes
+    narrower than a scan step closed (the gaps between footprints of a sparse scan,
+    which are part of the scanned area). On a raster that is the whole box; on a Fermat
+    spiral (a disk of positions) the unscanned corners stay out; on a dense irregular
+    scan, whose positions leave gaps much wider than their median spacing, the region
+    is what the beam reached (docs/design.md, section 8). A scan without a probe falls
+    back to the pixels within two scan steps of a position."""
     rows = slice(int(math.floor(scan.ycoords.min())), int(math.ceil(scan.ycoords.max())) + 1)
     cols = slice(int(math.floor(scan.xcoords.min())), int(math.ceil(scan.xcoords.max())) + 1)
-    step = scan_step(scan.xcoords, scan.ycoords)
-    yy, xx = np.mgrid[rows, cols]
-    centres = cKDTree(np.stack([scan.xcoords, scan.ycoords], axis=1))
-    distance, _ = centres.query(np.stack([xx.ravel(), yy.ravel()], axis=1))
-    covered = (distance <= reach * max(step, 1.0)).reshape(xx.shape)
+    step = max(scan_step(scan.xcoords, scan.ycoords), 1.0)
+    if scan.probe is None:
+        yy, xx = np.mgrid[rows, cols]
+        centres = cKDTree(np.stack([scan.xcoords, scan.ycoords], axis=1))
+        distance, _ = centres.query(np.stack([xx.ravel(), yy.ravel()], axis=1))
+        covered = (distance <= 2.0 * step).reshape(xx.shape)
+    else:
+        shape = (rows.stop + scan.n, cols.stop + scan.n)
+        coverage = illumination(scan.xcoords, scan.ycoords, scan.probe, shape)
+        lit = coverage >= fraction * coverage.max()
+        # A closing by a disk of one scan step: dilate, then erode what was dilated.
+        near = scipy.ndimage.distance_transform_edt(~lit) <= step
+        covered = (scipy.ndimage.distance_transform_edt(near) > step)[rows, cols]
     inner_rows, inner_cols = metrics.largest_rectangle(covered)
     return (
         slice(rows.start + inner_rows.start, rows.start + inner_rows.stop),

@@ -8,6 +8,7 @@ removal in ``Scorer.score`` would all show here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -18,7 +19,7 @@ import tensorflow as tf
 import ptycho  # noqa: F401
 from ptycho.data import group_offsets, group_positions, normalisation_factor, scan_step, simulate
 from ptycho.inference import reconstruct
-from ptycho.metrics import poisson_nll, r_factor
+from ptycho.metrics import largest_rectangle, poisson_nll, r_factor
 from ptycho.model import ModelConfig, build_model
 from ptycho.reconstruction import Reconstruction
 from ptycho.scoring import Scorer, scan_region
@@ -298,6 +299,55 @@ def test_tiled_groups_reconstruct_the_truth_with_fewer_predictions(grid_scan, gr
     np.testing.assert_allclose(result.obj[result.mask], scan.object[result.mask], atol=1e-5)
     full = reconstruct(model, scan, batch_size=8, predict_fn=TruthOracle(scan, factor))
     np.testing.assert_array_equal(result.mask, full.mask)  # the same coverage
+
+
+def _box_fraction(scan, region) -> float:
+    rows, cols = region
+    box = (np.ptp(scan.ycoords) + 1) * (np.ptp(scan.xcoords) + 1)
+    return (rows.stop - rows.start) * (cols.stop - cols.start) / box
+
+
+def _lit_distance(scan, region) -> float:
+    """The largest distance from a scored pixel to its nearest position, in pixels."""
+    rows, cols = region
+    yy, xx = np.mgrid[rows, cols]
+    return float(
+        np.hypot(xx.ravel()[:, None] - scan.xcoords[None], yy.ravel()[:, None] - scan.ycoords[None])
+        .min(axis=1)
+        .max()
+    )
+
+
+def test_a_dense_irregular_scan_is_scored_where_the_beam_reached():
+    """Positions 1.2 px apart along rows 6 px apart (a dense scan whose corrected
+    positions leave gaps five times their median spacing): a rule of two median spacings
+    around each position keeps a strip one row tall; the scored region is the scanned
+    area, every pixel of it within the probe's radius (0.2 N) of a position."""
+    scan = simulate(n=N, n_positions=600, step=0.1, nphotons=None, seed=2)
+    rng = np.random.default_rng(0)
+    x = np.tile(np.arange(50) * 1.2, 12) + rng.normal(0, 0.3, 600)
+    y = np.repeat(np.arange(12) * 6.0, 50) + rng.normal(0, 0.3, 600)
+    scan = dataclasses.replace(scan, xcoords=x + N / 2 + 2, ycoords=y + N / 2 + 2)
+    assert scan_step(scan.xcoords, scan.ycoords) < 1.5
+    yy, xx = np.mgrid[: scan.object.shape[0], : scan.object.shape[1]]
+    distance = np.hypot(
+        xx.ravel()[:, None] - scan.xcoords[None], yy.ravel()[:, None] - scan.ycoords[None]
+    ).min(axis=1)
+    two_steps = largest_rectangle((distance <= 2.4).reshape(xx.shape))
+    assert _box_fraction(scan, two_steps) < 0.2  # the strip the old rule scored
+    assert _box_fraction(scan, scan_region(scan)) > 0.9
+    assert _lit_distance(scan, scan_region(scan)) <= 0.2 * N
+
+
+@pytest.mark.parametrize(("step", "radius"), [(0.0625, 0.2), (0.35, 0.25), (0.5, 0.25), (0.5, 0.2)])
+def test_rasters_dense_and_sparse_are_scored_over_their_whole_box(step, radius):
+    """Dense, 30 % linear overlap, footprints that touch, and gaps between footprints:
+    the region is the box of the patch centres, gaps included (they belong to the
+    scanned area; no method sees them, every method is scored on them)."""
+    scan = simulate(n=N, n_positions=49, step=step, probe_radius=radius, nphotons=None, seed=4)
+    rows, cols = scan_region(scan)
+    for got, coords in ((rows, scan.ycoords), (cols, scan.xcoords)):
+        assert (got.start, got.stop) == (math.floor(coords.min()), math.ceil(coords.max()) + 1)
 
 
 def test_data_consistency_figures_match_numpy_on_the_same_predictions(grid_scan):

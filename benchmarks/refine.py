@@ -71,6 +71,7 @@ import numpy as np  # noqa: E402
 
 from ptycho import probes  # noqa: E402
 from ptycho.data import simulate  # noqa: E402
+from ptycho.metrics import r_factor  # noqa: E402
 from ptycho.refine import RefineOptions, Refiner  # noqa: E402
 from ptycho.scoring import Scorer  # noqa: E402
 
@@ -121,7 +122,9 @@ def first_at(curve: list, threshold: float, key: str):
 def epie(scan, iterations: int, step: float = 0.25, seed: int = 0, every: int = 5):
     """Textbook ePIE (Maiden & Rodenburg 2009), known probe: for each position in a
     random order, project the exit wave onto the measured modulus and update the
-    object patch by ``step * conj(P) * (psi' - psi) / max |P|^2``."""
+    object patch by ``step * conj(P) * (psi' - psi) / max |P|^2``.
+
+    Returns ``(curve, object, R-factor of the final object)``."""
     n = scan.n
     amplitudes = np.fft.ifftshift(scan.diffraction.astype(np.float64), axes=(-2, -1))
     probe = scan.probe.astype(np.complex128)
@@ -147,7 +150,13 @@ def epie(scan, iterations: int, step: float = 0.25, seed: int = 0, every: int = 
         seconds += time.perf_counter() - begin
         if iteration % every == 0 or iteration == iterations:
             curve.append({"iteration": iteration, "seconds": seconds, **score(obj)})
-    return curve
+    predicted = np.stack(
+        [
+            np.abs(np.fft.fft2(probe * obj[r : r + n, c : c + n])) / n
+            for r, c in zip(rows, cols, strict=True)
+        ]
+    )
+    return curve, obj, r_factor(predicted, amplitudes)
 
 
 def refine_row(scan, truth_scan, options, backend, mode, initial=None, extra_seconds=0.0):
@@ -206,7 +215,7 @@ class Rows:
 
     def epie(self, scan) -> None:
         iterations = self.args.epie_iterations
-        curve = epie(scan, iterations, every=self.args.every)
+        curve, _, _ = epie(scan, iterations, every=self.args.every)
         self.target = curve[-1]["amp_ssim"]
         row = {
             "translate": "epie",

@@ -205,6 +205,7 @@ def _evaluation(
         compile_mode=stages.reconstruct,
         backend=config.translate.backend,
         grouping=config.data.grouping,
+        group_step=config.data.group_step,
         writer=writer,
         log_probe=log_probe,
     )

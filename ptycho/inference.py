@@ -111,6 +111,7 @@ def reconstruct(
     compile_mode: str = "jit",
     backend: str = "xla",
     grouping: str = "auto",
+    group_step: float | None = None,
     groups: str = "all",
     align_phase: bool = True,
     shape: tuple[int, int] | None = None,
@@ -139,9 +140,11 @@ def reconstruct(
     compile_mode : {"jit", "graph", "eager"}
     backend : {"xla", "legacy"}
         Warp backend of the stitcher (the model's own is set on its layers).
-    grouping : {"auto", "block", "nearest"}
+    grouping : {"auto", "block", "nearest", "lattice"}
         How positions are grouped (:func:`ptycho.data.group_positions`); use the
         training's choice.
+    group_step : float, optional
+        Spacing of ``lattice`` groups, fraction of N (the training's ``data.group_step``).
     groups : {"all", "tile"}
         "all": every group of the grouping (on a raster each position is predicted in
         up to C groups and the predictions are averaged); "tile": a subset in which
@@ -168,7 +171,13 @@ def reconstruct(
     """
     n, gridsize = _check_scan(model, scan)
     start = time.perf_counter()
-    chosen = group_positions(scan.xcoords, scan.ycoords, gridsize, method=grouping)
+    chosen = group_positions(
+        scan.xcoords,
+        scan.ycoords,
+        gridsize,
+        method=grouping,
+        spacing=None if group_step is None else group_step * n,
+    )
     if groups == "tile":
         chosen = tile_groups(chosen, scan.n_positions)
     elif groups != InferGroups.all:

@@ -25,8 +25,10 @@ Update rules (chosen by measurement: ``benchmarks/refine.py``,
 
 - object: the gradient divided by ``4 (sum_batch |P_j|^2 + regularisation max |P|^2)``,
   the minibatch's illumination (the Gauss-Newton diagonal of the loss at the solution,
-  as ePIE and LSQML precondition); with step 1 near the solution this is the
-  projection onto the measured moduli, in parallel over the minibatch. Heavy-ball
+  as ePIE and LSQML precondition), plus the smoothness prior's own curvature (without
+  it the prior's step diverges where few positions at low dose light the object
+  dimly); with step 1 near the solution this is the projection onto the measured
+  moduli, in parallel over the minibatch. Heavy-ball
   momentum carries the slow low-frequency phase along; the step follows a cosine from
   ``step`` to ``step * final_step`` over the iterations, which removes the minibatch
   noise of the last iterates.
@@ -559,6 +561,9 @@ class Refiner:
             tf.zeros(tf.shape(canvas)[:2]), indices, tf.broadcast_to(weight, (size, span, span))
         )
         denominator = 4.0 * (illumination + options.regularisation * tf.reduce_max(weight))
+        if options.smoothness:  # the prior's curvature: 2 x 4 neighbours per pixel
+            share = tf.cast(size, tf.float32) / self.scan.n_positions
+            denominator += 8.0 * options.smoothness * share
         update = object_step * grad_canvas / denominator[..., None]
         self.velocity.assign(options.momentum * self.velocity + update)
         self.canvas.assign_sub(self.velocity)

@@ -45,13 +45,17 @@ def _environment(env=None) -> dict:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
 
 
-def run_script(*args, env=None, timeout=600, cwd=ROOT) -> subprocess.CompletedProcess:
-    """Run ``python <args>`` from the repository root (or ``cwd``), as a user would."""
+def run_script(
+    *args, env=None, timeout=600, cwd=ROOT, input_text=None
+) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` from the repository root (or ``cwd``), as a user would
+    (``input_text`` on its stdin)."""
     return subprocess.run(
         [sys.executable, *args],
         cwd=cwd,
         capture_output=True,
         text=True,
+        input=input_text,
         env=_environment(env),
         timeout=timeout,
     )

@@ -15,9 +15,19 @@ and the same member order wherever possible:
     position and its C - 1 nearest neighbours, ordered by angle around the group
     centre (starting from the left, then up, right and down: clockwise on screen, where
     y points down). Geometry varies from sample to sample; the order is canonical.
+``"lattice"``
+    Any scan, given a spacing s: g x g blocks anchored at every position, each member
+    the position nearest to a point of the block's lattice (anchor + s * (column, row),
+    within 0.45 s of it), in row-major order as ``"block"``. On a raster of step s that
+    is ``"block"``; on a dense irregular scan (positions much closer than s, as a
+    position-corrected fly scan gives) every sample has about the same shape and its
+    members are s apart, where ``"nearest"`` would group positions a pixel apart whose
+    patterns differ too little for the overlap constraint to matter.
 ``"auto"``
     ``"block"`` when the positions form a raster (every position is in some g x g
-    block of its lattice neighbours), ``"nearest"`` otherwise. Training and inference
+    block of its lattice neighbours); ``"lattice"`` when a spacing is given and the
+    positions are closer than half of it (a dense irregular scan); ``"nearest"``
+    otherwise. Training and inference
     call it on their own scans and so group the same kind of scan the same way.
 """
 
@@ -44,6 +54,7 @@ class Grouping(StrEnum):
     auto = "auto"
     block = "block"
     nearest = "nearest"
+    lattice = "lattice"
 
 
 GROUPINGS = tuple(Grouping)
@@ -59,10 +70,13 @@ def scan_step(xcoords: np.ndarray, ycoords: np.ndarray) -> float:
     return float(np.median(distance[:, 1]))
 
 
-def _blocks(points: np.ndarray, gridsize: int, tree: cKDTree) -> np.ndarray:
-    """(G, C) g x g blocks anchored at every position that has all its lattice
-    neighbours (row-major); (0, C) when the step is zero."""
-    step = scan_step(points[:, 0], points[:, 1])
+def _blocks(
+    points: np.ndarray, gridsize: int, tree: cKDTree, step: float | None = None
+) -> np.ndarray:
+    """(G, C) g x g blocks of spacing ``step`` (default: the scan's step) anchored at
+    every position that has all its lattice neighbours (row-major); (0, C) when the
+    step is zero."""
+    step = scan_step(points[:, 0], points[:, 1]) if step is None else step
     c = gridsize * gridsize
     if not step > 0:
         return np.zeros((0, c), np.int64)
@@ -74,6 +88,18 @@ def _blocks(points: np.ndarray, gridsize: int, tree: cKDTree) -> np.ndarray:
     found = (distance < LATTICE_TOLERANCE * step).all(axis=1)
     distinct = np.array([len(set(row)) == c for row in index])
     return index[found & distinct].astype(np.int64)
+
+
+def _lattice_blocks(points: np.ndarray, gridsize: int, spacing: float) -> np.ndarray:
+    """``"lattice"`` groups: :func:`_blocks` of spacing ``spacing`` on any scan."""
+    groups = _blocks(points, gridsize, cKDTree(points), spacing)
+    if not len(groups):
+        raise ValueError(
+            f"no {gridsize} x {gridsize} block of spacing {spacing:g} px has a position "
+            f"within {LATTICE_TOLERANCE} spacings of each of its points: use a spacing "
+            "near the scan's step (data.group_step), or grouping=nearest"
+        )
+    return groups
 
 
 def _canonical_order(points: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -92,6 +118,7 @@ def group_positions(
     method: str = "auto",
     n_groups: int | None = None,
     seed: int = 0,
+    spacing: float | None = None,
 ) -> np.ndarray:
     """Indices of groups of C = gridsize**2 neighbouring positions, in a fixed order.
 
@@ -101,14 +128,17 @@ def group_positions(
         Positions in pixels (x = column, y = row).
     gridsize : int
         g >= 1; g = 1 gives one group per position, ``[[0], [1], ...]``.
-    method : {"auto", "block", "nearest"}
+    method : {"auto", "block", "nearest", "lattice"}
         See the module docstring. ``"block"`` raises ``ValueError`` when the positions
-        are not a raster.
+        are not a raster, ``"lattice"`` without a ``spacing``.
     n_groups : int, optional
         Keep G groups drawn at random (without replacement while G <= the number of
         groups found, with replacement beyond); default all of them.
     seed : int
         Makes the draw of ``n_groups`` deterministic.
+    spacing : float, optional
+        Pixels between the members of a ``"lattice"`` block (``"auto"`` uses it on
+        dense irregular scans).
 
     Returns
     -------
@@ -124,8 +154,12 @@ def group_positions(
         raise ValueError(
             f"the scan has {m} positions, fewer than the {c} a group of gridsize {gridsize} needs"
         )
+    if method == Grouping.lattice and not (spacing and spacing > 0):
+        raise ValueError(f"grouping=lattice needs a spacing > 0 pixels, got {spacing}")
     if c == 1:
         groups = np.arange(m, dtype=np.int64)[:, None]
+    elif method == Grouping.lattice:
+        groups = _lattice_blocks(points, gridsize, spacing)
     else:
         tree = cKDTree(points)
         groups = _blocks(points, gridsize, tree) if method != "nearest" else None
@@ -136,7 +170,10 @@ def group_positions(
                 f"positions are in no {gridsize} x {gridsize} block of lattice neighbours; "
                 "use grouping=nearest (or auto)"
             )
-        if not is_raster:
+        dense = spacing and scan_step(points[:, 0], points[:, 1]) < spacing / 2
+        if not is_raster and method == Grouping.auto and dense:
+            groups = _lattice_blocks(points, gridsize, spacing)
+        elif not is_raster:
             _, nearest = tree.query(points, k=c)  # (M, C), the position itself first
             groups = _canonical_order(points, nearest.astype(np.int64))
     if n_groups is None:

@@ -61,7 +61,12 @@ class DataOptions(PrepareOptions, SimulationSpec):
     training scan itself (trained on and reconstructed, as with one measured scan)."""
     grouping: Grouping = Grouping.auto
     """How positions become the C channels of a sample: ``block`` (g x g raster blocks),
-    ``nearest`` (angle-ordered nearest neighbours, any scan) or ``auto``."""
+    ``nearest`` (angle-ordered nearest neighbours, any scan), ``lattice`` (g x g blocks
+    of spacing ``group_step`` on any scan) or ``auto`` (block on rasters, lattice on
+    scans denser than half ``group_step``, nearest otherwise)."""
+    group_step: float | None = 0.0625
+    """Spacing of ``lattice`` groups, fraction of N (0.0625: the default raster's 4 px at
+    N 64, PtychoPINN's +-2 px groups); null: ``auto`` never picks ``lattice``."""
     n_groups: int | None = None
     """Keep this many training groups (random, seeded by ``seed``); null: all."""
 
@@ -86,6 +91,14 @@ class DataOptions(PrepareOptions, SimulationSpec):
                     f"n_groups={self.n_groups}: must be >= 1 or null",
                 ),
                 (self.test_positions >= 1, f"test_positions={self.test_positions}: must be >= 1"),
+                (
+                    self.group_step is None or self.group_step > 0,
+                    f"group_step={self.group_step}: must be > 0 (fraction of N) or null",
+                ),
+                (
+                    self.grouping != Grouping.lattice or self.group_step is not None,
+                    "grouping=lattice needs data.group_step (fraction of N), e.g. 0.0625",
+                ),
             ]
         )
         if files:
@@ -121,6 +134,7 @@ class DataOptions(PrepareOptions, SimulationSpec):
                 method=self.grouping,
                 n_groups=self.n_groups,
                 seed=self.seed,
+                spacing=None if self.group_step is None else self.group_step * scan.n,
             )
         except ValueError as error:
             raise DataError(f"data.grouping={self.grouping}: {error}") from error

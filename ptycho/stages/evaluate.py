@@ -37,6 +37,8 @@ class NetworkEvaluation:
         Of ``scan``.
     compile_mode, backend, grouping : str
         The reconstruction stage's compile mode, the warp backend, the training's grouping.
+    group_step : float, optional
+        The training's ``data.group_step``.
     writer : tf.summary writer, optional
         Where evaluations with a ``step`` are logged.
     log_probe : bool
@@ -52,11 +54,13 @@ class NetworkEvaluation:
         compile_mode: str,
         backend: str,
         grouping: str,
+        group_step: float | None = None,
         writer=None,
         log_probe: bool = False,
     ):
         self.scan, self.options, self.scorer = scan, options, scorer
         self.compile_mode, self.backend, self.grouping = compile_mode, backend, grouping
+        self.group_step = group_step
         self.writer, self.log_probe = writer, log_probe
         self._predict = None  # (model, compiled predict function), reused across calls
         self._truth_logged = False
@@ -75,6 +79,7 @@ class NetworkEvaluation:
             compile_mode=self.compile_mode,
             backend=self.backend,
             grouping=self.grouping,
+            group_step=self.group_step,
             groups=self.options.groups,
             align_phase=self.options.align_phase,
             predict_fn=self._predict[1],

@@ -493,6 +493,40 @@ def test_irregular_groups_are_the_nearest_neighbours_ordered_by_angle(kind):
         group_positions(x, y, gridsize=2, method="block")
 
 
+def test_lattice_groups_of_a_dense_irregular_scan_have_the_asked_spacing():
+    """A jittered spiral 1.3 px apart grouped on a 4 px lattice: every member within
+    0.45 spacing of its lattice point (anchor + 4 px (column, row), row-major, checked
+    against brute-force distances), about one group per position; ``auto`` picks it on
+    scans denser than half the spacing and not on sparser ones; on a raster of the
+    same step it is ``block``."""
+    x, y = scan_positions(900, kind="spiral", step=1.3, jitter=0.4, seed=4)
+    spacing = 4.0
+    groups = group_positions(x, y, 2, method="lattice", spacing=spacing)
+    assert len(groups) > 0.8 * len(x)
+    points = np.stack([x, y], axis=1)
+    lattice = spacing * np.array([[0, 0], [1, 0], [0, 1], [1, 1]])
+    targets = points[groups[:, 0]][:, None] + lattice[None]
+    for group, target in zip(groups[:50], targets[:50], strict=True):
+        distance = np.hypot(*(points[:, None] - target[None]).transpose(2, 0, 1))
+        np.testing.assert_array_equal(group, distance.argmin(axis=0))
+    assert np.hypot(*(points[groups] - targets).transpose(2, 0, 1)).max() < 0.45 * spacing
+    np.testing.assert_array_equal(group_positions(x, y, 2, spacing=spacing), groups)
+    sparse_x, sparse_y = scan_positions(200, kind="spiral", step=8.0, seed=2)
+    np.testing.assert_array_equal(
+        group_positions(sparse_x, sparse_y, 2, spacing=spacing),
+        group_positions(sparse_x, sparse_y, 2, method="nearest"),
+    )
+    raster_x, raster_y = scan_positions(100, kind="grid", step=spacing)
+    np.testing.assert_array_equal(
+        group_positions(raster_x, raster_y, 2, method="lattice", spacing=spacing),
+        group_positions(raster_x, raster_y, 2, method="block"),
+    )
+    with pytest.raises(ValueError, match="needs a spacing"):
+        group_positions(x, y, 2, method="lattice")
+    with pytest.raises(ValueError, match="no 2 x 2 block of spacing 90"):
+        group_positions(x, y, 2, method="lattice", spacing=90.0)
+
+
 def test_a_raster_can_be_grouped_as_nearest_neighbours_and_n_groups_draws_groups():
     x, y = scan_positions(64, kind="grid", step=8.0)
     nearest = group_positions(x, y, gridsize=2, method="nearest")

@@ -12,8 +12,8 @@ default object kind, the training and test objects different drawings as always.
 cell, on the same test scan:
 
 * ``network``: ``python train.py`` with the cell's data for ``--minutes`` (the default
-  budget: 9), the loss of :data:`LOSSES` for the dose, and ``--set`` overrides; its
-  test-scan reconstruction;
+  budget: 9), the loss of :data:`LOSSES` for the dose (or ``--loss``), and ``--set``
+  overrides; its test-scan reconstruction;
 * ``network+refine``: the same run's ``refine=object`` from the network's object;
 * ``refine``: ``refine=object`` from a flat object (what ``infer.py ... refine=object``
   runs), in this process;
@@ -64,8 +64,10 @@ def linear_overlap(geometry: str) -> float:
     return 1.0 - step / (2.0 * radius)
 
 
-def loss_for(dose: float) -> tuple[str, list[str]]:
-    """The network's loss at ``dose`` (:data:`LOSSES`)."""
+def loss_for(dose: float, name: str = "auto") -> tuple[str, list[str]]:
+    """The network's loss at ``dose`` (:data:`LOSSES`), or the one ``name``d."""
+    if name != "auto":
+        return next(loss for loss in LOSSES.values() if loss[0] == name)
     for floor in sorted(LOSSES, reverse=True):
         if dose >= floor:
             return LOSSES[floor]
@@ -142,7 +144,7 @@ def epie_row(cell: dict, scan, iterations: int) -> dict:
 def run_cell(geometry: str, dose: float, args, run_dir: Path) -> list[dict]:
     from ptycho.data import load_scan
 
-    loss, loss_overrides = loss_for(dose)
+    loss, loss_overrides = loss_for(dose, args.loss)
     _, radius, step = GEOMETRIES[geometry]
     cell = {
         "geometry": geometry,
@@ -223,6 +225,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dose", type=float, nargs="+", default=list(DOSES))
     parser.add_argument("--minutes", type=float, default=9.0, help="training budget per cell")
     parser.add_argument("--epie-iterations", type=int, default=50)
+    parser.add_argument(
+        "--loss", choices=("auto", "mae", "poisson"), default="auto", help="auto: LOSSES"
+    )
     parser.add_argument("--set", nargs="+", default=[], help="overrides for every training")
     parser.add_argument("--keep", type=Path, help="leave the run folders here")
     parser.add_argument("--plot", type=Path, help="the figure of JSON lines read from stdin")

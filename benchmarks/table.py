@@ -6,11 +6,13 @@ docs/benchmarks.md, docs/measured-data.md and README.md rebuilt from them.
     python benchmarks/table.py --docs --check    # exit 1 if they are stale
 
 In those documents a table is the text between a marker line
-``<!-- table FILE [pivot] [columns=a,b] [where=key:value ...] -->`` and the next
-``<!-- end table -->``; the prose around it is written by hand. ``pivot`` puts the
-configurations (``translate+compile``) in columns with the throughput in the cells and a
-ratio column; otherwise every record is a row (``columns`` chooses and orders the
-fields, ``where`` keeps records whose field has that value).
+``<!-- table FILE [pivot] [columns=a,b] [where=key:value ...] [spread=f:x,y] -->`` and
+the next ``<!-- end table -->``; the prose around it is written by hand. ``pivot`` puts
+the configurations (``translate+compile``) in columns with the throughput in the cells
+and a ratio column; otherwise every record is a row (``columns`` chooses and orders the
+fields, ``where`` keeps records whose field has that value). ``spread=method:a,b`` makes
+one row per value of ``columns`` and one column per value of ``method``, holding
+``a / b`` of that record.
 """
 
 from __future__ import annotations
@@ -93,14 +95,37 @@ def pivot_table(records: list[dict], ratio=("xla+jit", "legacy+graph")) -> list[
     return lines
 
 
+def spread_table(records: list[dict], columns: list[str], spread: str) -> list[str]:
+    """One row per distinct value of ``columns``; one column per value of the field
+    ``spread`` names (``field:a,b``), each cell ``a / b`` of that row's record."""
+    field, values = spread.split(":", 1)
+    shown = values.split(",")
+    rows, heads = {}, []
+    for record in records:
+        key = tuple(record.get(c) for c in columns)
+        rows.setdefault(key, {})[record[field]] = " / ".join(cell(record.get(v)) for v in shown)
+        if record[field] not in heads:
+            heads.append(record[field])
+    lines = [
+        "| " + " | ".join(columns + [f"{h}: {' / '.join(shown)}" for h in heads]) + " |",
+        "|" + " --- |" * (len(columns) + len(heads)),
+    ]
+    for key, cells in rows.items():
+        values_ = [cell(v) for v in key] + [cells.get(h, "") for h in heads]
+        lines.append("| " + " | ".join(values_) + " |")
+    return lines
+
+
 def table(spec: str) -> list[str]:
     """The table a marker's ``spec`` names (module docstring)."""
     words = spec.split()
     records = read_records(ROOT / words[0])
-    columns, pivot = None, False
+    columns, pivot, spread = None, False, None
     for word in words[1:]:
         if word == "pivot":
             pivot = True
+        elif word.startswith("spread="):
+            spread = word.removeprefix("spread=")
         elif word.startswith("columns="):
             columns = word.removeprefix("columns=").split(",")
         elif word.startswith("where="):
@@ -110,6 +135,8 @@ def table(spec: str) -> list[str]:
             raise ValueError(f"unknown table option {word!r} in {spec!r}")
     if not records:
         raise ValueError(f"no records for {spec!r}")
+    if spread:
+        return spread_table(records, columns or [], spread)
     return pivot_table(records) if pivot else flat_table(records, columns)
 
 

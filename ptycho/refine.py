@@ -106,6 +106,11 @@ class RefineOptions:
     has no offset gradient)."""
     iterations: int = 30
     """Passes over every scan position."""
+    network_phase: bool = False
+    """After the network: start from its object (true) or from its amplitude with a
+    flat phase (false). The network's phase carries low-frequency errors (a constant per
+    group, stitched into a slow drift) that 30 iterations do not remove, and on sparse
+    scans it is worse than none (docs/refinement.md)."""
     max_seconds: float | None = None
     """Stop after the iteration that crosses this time (null: never)."""
     batch_size: int = 64

@@ -37,7 +37,8 @@ def run(
     stream=None,
     tag: str = "refine",
 ) -> RefineResult:
-    """Refine ``scorer.scan`` from ``start`` (None: a flat object).
+    """Refine ``scorer.scan`` from ``start`` (None: a flat object; the amplitude of
+    ``start`` with a flat phase unless ``options.network_phase``).
 
     Progress goes to ``stream`` (a bar on a terminal, lines otherwise) and, with a
     ``writer``, to TensorBoard (``refine/*`` per progress point); ``curves`` gets the
@@ -47,16 +48,14 @@ def run(
     :class:`TrainingDiverged`.
     """
     scan = scorer.scan
+    initial, described = _start(start, options)
     log.info(
-        "refine=%s from %s: %d iterations at most",
-        options.mode,
-        "the network's reconstruction" if start is not None else "a flat object",
-        options.iterations,
+        "refine=%s from %s: %d iterations at most", options.mode, described, options.iterations
     )
     refiner = Refiner(
         scan,
         options,
-        initial=None if start is None else start.obj,
+        initial=initial,
         backend=backend,
         compile_mode=compile_mode,
     )
@@ -93,6 +92,15 @@ def run(
             result.history, curves, title=f"refine={options.mode}", probe=result.probe
         )
     return result
+
+
+def _start(start: Reconstruction | None, options: RefineOptions):
+    """The refinement's initial object (None: flat) and what it is, for the log."""
+    if start is None:
+        return None, "a flat object"
+    if options.network_phase:
+        return start.obj, "the network's object"
+    return np.abs(start.obj).astype(np.complex64), "the network's amplitude (flat phase)"
 
 
 def _log_modes(writer, tag: str, probe, step: int) -> None:

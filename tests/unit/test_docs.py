@@ -44,3 +44,14 @@ def test_benchmark_tables_are_built_from_the_results_files():
         )
     rows = table.flat_table([{"a": 1, "b": 2.5}, {"a": 3}], ["a", "b"])
     assert rows == ["| a | b |", "| --- | --- |", "| 1 | 2.5 |", "| 3 |  |"]
+    records = [
+        {"cell": "x", "method": "m", "a": 0.5, "b": 0.25},
+        {"cell": "x", "method": "n", "a": 0.75, "b": 0.125},
+        {"cell": "y", "method": "n", "a": 1, "b": 2},
+    ]
+    assert table.spread_table(records, ["cell"], "method:a,b") == [
+        "| cell | m: a / b | n: a / b |",
+        "| --- | --- | --- |",
+        "| x | 0.5 / 0.25 | 0.75 / 0.125 |",
+        "| y |  | 1 / 2 |",
+    ]

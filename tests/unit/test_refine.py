@@ -16,8 +16,10 @@ import tensorflow as tf
 from ptycho import metrics
 from ptycho.data import simulate
 from ptycho.progress import Progress
+from ptycho.reconstruction import Reconstruction
 from ptycho.refine import RefineOptions, Refiner
-from ptycho.scoring import scan_region
+from ptycho.scoring import Scorer, scan_region
+from ptycho.stages import refine as stage_refine
 from ptycho.stitch import stitch_patches
 
 N = 32
@@ -212,6 +214,40 @@ def test_the_smoothness_prior_stays_stable_on_a_sparse_low_dose_scan():
     result = Refiner(scan, RefineOptions(mode="object", iterations=20)).run()
     assert np.isfinite(result.obj).all()
     assert amp_ssim(scan, result.obj) > amp_ssim(scan, np.ones_like(scan.object)) + 0.1
+
+
+def test_after_the_network_the_refinement_starts_from_its_amplitude_unless_asked():
+    """A start with the right amplitude and a slow phase drift (what the network's
+    stitched groups leave): 20 iterations do not remove the drift from the start's
+    phase (``refine.network_phase=true``); from its amplitude with a flat phase (the
+    default) the phase is found."""
+    scan = small_scan(nphotons=1e7)
+    rows, cols = np.mgrid[: scan.object.shape[0], : scan.object.shape[1]]
+    drift = 0.8 * np.sin(2 * np.pi * cols / scan.object.shape[1]) * rows / rows.max()
+    start = Reconstruction(
+        obj=(scan.object * np.exp(1j * drift)).astype(np.complex64),
+        mask=np.ones(scan.object.shape, bool),
+        xcoords=scan.xcoords,
+        ycoords=scan.ycoords,
+        probe=scan.probe,
+        r_factor=0.0,
+        poisson_nll=0.0,
+        seconds=1.0,
+        stage="network",
+    )
+    phase = {}
+    for keep in (True, False):
+        options = RefineOptions(mode="object", iterations=20, batch_size=16, network_phase=keep)
+        result = stage_refine.run(
+            Scorer(scan),
+            options,
+            start=start,
+            backend="xla",
+            compile_mode="jit",
+            stream=io.StringIO(),
+        )
+        phase[keep] = result.metrics["phase_ssim"]
+    assert phase[False] > phase[True] + 0.1, phase
 
 
 @pytest.mark.parametrize(

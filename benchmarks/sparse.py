@@ -4,6 +4,7 @@
     python benchmarks/sparse.py --json --geometry touching gaps --dose 1e6 --minutes 3
     python benchmarks/sparse.py --json --set model.gridsize=2      # overrides for the network
     python benchmarks/sparse.py --plot sparse.png < results.jsonl  # the figure from a file
+    python benchmarks/sparse.py --json --minutes 3 --from-runs DIR  # network+refine again
 
 A cell is a scan geometry (:data:`GEOMETRIES`: the default dense raster, a dense
 irregular spiral, then rasters of about 50 %, 30 % and 0 % linear overlap and one with
@@ -14,7 +15,9 @@ cell, on the same test scan:
 * ``network``: ``python train.py`` with the cell's data for ``--minutes`` (the default
   budget: 9), the loss of :data:`LOSSES` for the dose (or ``--loss``), and ``--set``
   overrides; its test-scan reconstruction;
-* ``network+refine``: the same run's ``refine=object`` from the network's object;
+* ``network+refine``: ``refine=object`` after that network, as ``train.py
+  refine=object`` runs it (from the network's amplitude with a flat phase), in this
+  process;
 * ``refine``: ``refine=object`` from a flat object (what ``infer.py ... refine=object``
   runs), in this process;
 * ``epie``: textbook ePIE with the known probe (``benchmarks/refine.py``), 50
@@ -83,28 +86,50 @@ def scored(values: dict, prefix: str = "") -> dict:
     return {key: round(float(values[prefix + key]), 4) for key in METRICS if prefix + key in values}
 
 
-def network_rows(cell: dict, overrides: list[str], run_dir: Path) -> tuple[list[dict], Path]:
-    """Train on the cell's scan (with ``refine=object`` after the network) and return the
-    ``network`` and ``network+refine`` rows and the run's test scan."""
+def network_row(cell: dict, overrides: list[str], run_dir: Path) -> dict:
+    """Train on the cell's scan; the ``network`` row (its test-scan reconstruction)."""
     begun = time.perf_counter()
-    run_train([*overrides, "refine=object", f"hydra.run.dir={run_dir}"], str(cell))
+    run_train([*overrides, f"hydra.run.dir={run_dir}"], str(cell))
     wall = time.perf_counter() - begun
+    return {**cell, "method": "network", "wall_s": round(wall, 1), **trained(run_dir)}
+
+
+def trained(run_dir: Path) -> dict:
+    """The network's figures in a run's ``metrics.json``."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    network = {
-        **cell,
-        "method": "network",
+    return {
         "epochs": metrics["epochs"],
         "seconds": round(metrics["fit_seconds"] + metrics.get("reconstruct_seconds", 0.0), 1),
         **scored(metrics),
     }
-    refined = {
+
+
+def network_refine_row(cell: dict, run_dir: Path, scan) -> dict:
+    """``refine=object`` after the run's network, with the defaults ``train.py
+    refine=object`` uses (the network's amplitude, a flat phase: ``refine.network_phase``)."""
+    from ptycho.inference import reconstruct
+    from ptycho.model import load_model
+    from ptycho.refine import RefineMode, RefineOptions
+    from ptycho.scoring import Scorer
+    from ptycho.stages import refine
+
+    begun = time.perf_counter()
+    network = reconstruct(load_model(run_dir / "model.keras"), scan, compile_mode="graph")
+    seconds = time.perf_counter() - begun + trained(run_dir)["seconds"]
+    result = refine.run(
+        Scorer(scan),
+        RefineOptions(mode=RefineMode.object),
+        start=network,
+        backend="xla",
+        compile_mode="jit",
+        stream=io.StringIO(),
+    )
+    return {
         **cell,
         "method": "network+refine",
-        "seconds": round(network["seconds"] + metrics["refine_seconds"], 1),
-        **scored(metrics, "refined_"),
+        "seconds": round(seconds + result.seconds, 1),
+        **scored(result.metrics),
     }
-    network["wall_s"] = round(wall, 1)
-    return [network, refined], run_dir / "test_scan.npz"
 
 
 def refine_row(cell: dict, scan) -> dict:
@@ -141,9 +166,8 @@ def epie_row(cell: dict, scan, iterations: int) -> dict:
     }
 
 
-def run_cell(geometry: str, dose: float, args, run_dir: Path) -> list[dict]:
-    from ptycho.data import load_scan
-
+def describe(geometry: str, dose: float, args) -> tuple[dict, list[str]]:
+    """The cell's record fields and its training's overrides."""
     loss, loss_overrides = loss_for(dose, args.loss)
     _, radius, step = GEOMETRIES[geometry]
     cell = {
@@ -163,8 +187,20 @@ def run_cell(geometry: str, dose: float, args, run_dir: Path) -> list[dict]:
         "train.eval_every=0",
         *args.set,
     ]
-    rows, test_path = network_rows(cell, overrides, run_dir)
-    scan = load_scan(test_path)
+    return cell, overrides
+
+
+def run_cell(geometry: str, dose: float, args, run_dir: Path) -> list[dict]:
+    """The four rows of a cell; with ``args.from_runs`` the network is the one already
+    trained in ``run_dir`` and only ``network+refine`` is computed again."""
+    from ptycho.data import load_scan
+
+    cell, overrides = describe(geometry, dose, args)
+    if args.from_runs:
+        return [network_refine_row(cell, run_dir, load_scan(run_dir / "test_scan.npz"))]
+    rows = [network_row(cell, overrides, run_dir)]
+    scan = load_scan(run_dir / "test_scan.npz")
+    rows.append(network_refine_row(cell, run_dir, scan))
     rows.append(refine_row(cell, scan))
     rows.append(epie_row(cell, scan, args.epie_iterations))
     return rows
@@ -230,16 +266,23 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--set", nargs="+", default=[], help="overrides for every training")
     parser.add_argument("--keep", type=Path, help="leave the run folders here")
+    parser.add_argument(
+        "--from-runs",
+        type=Path,
+        help="the run folders of an earlier --keep: network+refine again, nothing trained",
+    )
     parser.add_argument("--plot", type=Path, help="the figure of JSON lines read from stdin")
     args = parser.parse_args(argv)
     if args.plot:
         plot([json.loads(line) for line in sys.stdin if line.strip()], args.plot)
         return 0
     with tempfile.TemporaryDirectory() as scratch:
-        root = args.keep or Path(scratch)
+        root = args.from_runs or args.keep or Path(scratch)
         for dose in args.dose:
             for geometry in args.geometry:
                 run_dir = root / f"{geometry}_{dose:.0e}"
+                if args.from_runs and not (run_dir / "model.keras").is_file():
+                    continue
                 for row in run_cell(geometry, dose, args, run_dir):
                     if args.json:
                         print(json.dumps(row), flush=True)

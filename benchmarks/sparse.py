@@ -212,12 +212,14 @@ STYLES = {"network": "C0", "network+refine": "C2", "refine": "C1", "epie": "C7"}
 
 def plot(records: list[dict], path: Path) -> None:
     """Amplitude (top) and phase (bottom) SSIM against linear overlap, one column per
-    dose, one line per method; the dense irregular scan as a separate marker."""
+    dose, one line per method; the dense irregular scan as a separate marker; rows
+    trained with another loss than the dose's (``--loss``) left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if r["loss"] == loss_for(r["dose"])[0]]  # the defaults
     doses = sorted({r["dose"] for r in records}, reverse=True)
     figure, axes = plt.subplots(2, len(doses), figsize=(3.6 * len(doses), 6.4), squeeze=False)
     for column, dose in enumerate(doses):

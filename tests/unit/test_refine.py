@@ -16,11 +16,11 @@ import tensorflow as tf
 from ptycho import metrics
 from ptycho.data import simulate
 from ptycho.progress import Progress
-from ptycho.reconstruction import Reconstruction
 from ptycho.refine import RefineOptions, Refiner
 from ptycho.scoring import Scorer, scan_region
 from ptycho.stages import refine as stage_refine
 from ptycho.stitch import stitch_patches
+from tests.unit.test_reconstruction import given_object
 
 N = 32
 
@@ -224,17 +224,8 @@ def test_after_the_network_the_refinement_starts_from_its_amplitude_unless_asked
     scan = small_scan(nphotons=1e7)
     rows, cols = np.mgrid[: scan.object.shape[0], : scan.object.shape[1]]
     drift = 0.8 * np.sin(2 * np.pi * cols / scan.object.shape[1]) * rows / rows.max()
-    start = Reconstruction(
-        obj=(scan.object * np.exp(1j * drift)).astype(np.complex64),
-        mask=np.ones(scan.object.shape, bool),
-        xcoords=scan.xcoords,
-        ycoords=scan.ycoords,
-        probe=scan.probe,
-        r_factor=0.0,
-        poisson_nll=0.0,
-        seconds=1.0,
-        stage="network",
-    )
+    obj = (scan.object * np.exp(1j * drift)).astype(np.complex64)
+    start = given_object(obj, np.ones(obj.shape, bool), scan)
     phase = {}
     for keep in (True, False):
         options = RefineOptions(mode="object", iterations=20, batch_size=16, network_phase=keep)

@@ -56,7 +56,7 @@ def scan_region(scan: Scan, fraction: float = SCORED_FRACTION) -> tuple[slice, s
     which are part of the scanned area). On a raster that is the whole box; on a Fermat
     spiral (a disk of positions) the unscanned corners stay out; on a dense irregular
     scan, whose positions leave gaps much wider than their median spacing, the region
-    is what the beam reached (docs/design.md, section 8). A scan without a probe falls
+    is what the beam reached (docs/design.md, section 6). A scan without a probe falls
     back to the pixels within two scan steps of a position."""
     rows = slice(int(math.floor(scan.ycoords.min())), int(math.ceil(scan.ycoords.max())) + 1)
     cols = slice(int(math.floor(scan.xcoords.min())), int(math.ceil(scan.xcoords.max())) + 1)

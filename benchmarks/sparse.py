@@ -109,21 +109,11 @@ def network_refine_row(cell: dict, run_dir: Path, scan) -> dict:
     refine=object`` uses (the network's amplitude, a flat phase: ``refine.network_phase``)."""
     from ptycho.inference import reconstruct
     from ptycho.model import load_model
-    from ptycho.refine import RefineMode, RefineOptions
-    from ptycho.scoring import Scorer
-    from ptycho.stages import refine
 
     begun = time.perf_counter()
     network = reconstruct(load_model(run_dir / "model.keras"), scan, compile_mode="graph")
     seconds = time.perf_counter() - begun + trained(run_dir)["seconds"]
-    result = refine.run(
-        Scorer(scan),
-        RefineOptions(mode=RefineMode.object),
-        start=network,
-        backend="xla",
-        compile_mode="jit",
-        stream=io.StringIO(),
-    )
+    result = refine_object(scan, network)
     return {
         **cell,
         "method": "network+refine",
@@ -132,20 +122,26 @@ def network_refine_row(cell: dict, run_dir: Path, scan) -> dict:
     }
 
 
-def refine_row(cell: dict, scan) -> dict:
-    """``refine=object`` from a flat object, as ``infer.py`` runs it."""
+def refine_object(scan, start):
+    """``refine=object`` of ``scan`` with the defaults, from ``start`` (a network's
+    reconstruction, or None: a flat object), as the applications run it."""
     from ptycho.refine import RefineMode, RefineOptions
     from ptycho.scoring import Scorer
     from ptycho.stages import refine
 
-    result = refine.run(
+    return refine.run(
         Scorer(scan),
         RefineOptions(mode=RefineMode.object),
-        start=None,
+        start=start,
         backend="xla",
         compile_mode="jit",
         stream=io.StringIO(),  # no progress bar in a benchmark
     )
+
+
+def refine_row(cell: dict, scan) -> dict:
+    """``refine=object`` from a flat object, as ``infer.py`` runs it."""
+    result = refine_object(scan, None)
     seconds = round(result.seconds, 1)
     return {**cell, "method": "refine", "seconds": seconds, **scored(result.metrics)}
 

@@ -220,7 +220,7 @@ def reconstruct(
             raw = np.zeros_like(amplitudes)
             raw[:size] = np.moveaxis(scan.diffraction[index], 1, -1)
             measured = raw
-        if scan.valid is not None:  # masked pixels marked -1: they count in no sum
+        if scan.masked:  # masked pixels marked -1: they count in no sum
             valid = np.ones((batch_size, n, n, c), bool)
             shown_valid = scan.valid_pixels(index.reshape(-1)).reshape(size, c, n, n)
             valid[:size] = np.moveaxis(shown_valid, 1, -1)

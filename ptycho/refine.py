@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -63,6 +64,7 @@ import tensorflow as tf
 
 from ptycho import probes
 from ptycho.data.scan import Scan
+from ptycho.data.stream import shuffled_windows, window_items
 from ptycho.errors import choice, require
 from ptycho.hardware import compiled
 from ptycho.physics import Subpixel
@@ -283,6 +285,35 @@ def _fft_order(array: np.ndarray) -> np.ndarray:
     return np.fft.ifftshift(np.asarray(array, np.float32), axes=(-2, -1))
 
 
+def _squared_fft_order(amplitudes: np.ndarray) -> np.ndarray:
+    """``_fft_order(amplitudes ** 2)`` in one pass (a quadrant at a time)."""
+    out = np.empty(amplitudes.shape, np.float32)
+    n = amplitudes.shape[-1]
+    low, high = slice(0, n - n // 2), slice(n - n // 2, n)  # ifftshift: high half first
+    front, back = slice(0, n // 2), slice(n // 2, n)
+    for rows_in, rows_out in ((high, front), (low, back)):
+        for cols_in, cols_out in ((high, front), (low, back)):
+            np.square(amplitudes[..., rows_in, cols_in], out=out[..., rows_out, cols_out])
+    return out
+
+
+def _read_ahead(windows, read):
+    """``(window, read(sorted window))`` of each window, the next one read on a thread
+    while the caller works on this one (``(window, None)`` when ``read`` is None)."""
+    if read is None:
+        yield from ((window, None) for window in windows)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptycho-read") as reader:
+        pending = None
+        for window in windows:
+            following = (window, reader.submit(read, np.sort(window)))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = following
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def _cosine(step: float, final: float, fraction: float) -> float:
     return step * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(fraction, 1.0))))
 
@@ -358,8 +389,13 @@ class Refiner:
         self.canvas = tf.Variable(np.stack([start.real, start.imag], -1).astype(np.float32))
         self.velocity = tf.Variable(tf.zeros_like(self.canvas))
         # The counts, background and mask are kept in the FFT's order (zero frequency in
-        # the corner), so the far field needs no fftshift: sums are order-free.
-        self.counts = tf.constant(_fft_order(np.square(scan.diffraction, dtype=np.float32)))
+        # the corner), so the far field needs no fftshift: sums are order-free. A
+        # streamed scan's counts are read a window at a time (_minibatches).
+        self.counts = (
+            None
+            if scan.streamed
+            else tf.constant(_fft_order(np.square(scan.diffraction, dtype=np.float32)))
+        )
         # Counts ~ Poisson(I + background): the dark counts are part of the model.
         self.background = (
             None if scan.background is None else tf.constant(_fft_order(scan.background))
@@ -370,6 +406,9 @@ class Refiner:
             self.pixels = m * n * n
         else:
             self.pixels = int(scan.valid.sum()) * (m if scan.valid.ndim == 2 else 1)
+        own_masks = scan.streamed and scan.masks_per_pattern
+        if own_masks:  # summed over the patterns below
+            self.pixels = 0
         self.base = tf.constant(
             np.stack([scan.xcoords, scan.ycoords], 1).astype(np.float32) + self.pad
         )
@@ -388,6 +427,8 @@ class Refiner:
         for first in range(0, m, 1024):  # in chunks: long scans stay small in float64
             counts = np.square(scan.diffraction[first : first + 1024], dtype=np.float64)
             total += float(counts.sum())
+            if own_masks:
+                self.pixels += int(scan.valid_pixels(np.arange(first, first + len(counts))).sum())
             saturated += float(np.sum(counts - counts * np.log(np.where(counts > 0, counts, 1))))
         per_pattern = total / m
         if options.loss == RefineLoss.poisson and per_pattern < 1000:
@@ -480,22 +521,35 @@ class Refiner:
             return amplitude_loss(intensity, counts)
         return poisson_loss(intensity, counts, self.options.truncation)
 
-    def _weight(self, index):
-        """1 for the pixels of positions ``index`` that count, 0 for masked ones ((N, N)
-        or (B, N, N)); None when every pixel counts."""
-        if self.valid is None:
-            return None
-        return self.valid if self.valid.shape.rank == 2 else tf.gather(self.valid, index)
+    def measured(self, index):
+        """(counts (B, N, N), weight) of positions ``index``, in the FFT's order: weight
+        1 for the pixels that count, 0 for masked ones ((N, N) or (B, N, N)), or None
+        when every pixel counts. Read from the file for a streamed scan."""
+        if self.counts is not None:
+            weight = self.valid
+            if weight is not None and weight.shape.rank == 3:
+                weight = tf.gather(weight, index)
+            return tf.gather(self.counts, index), weight
+        return self._read(np.asarray(index))
 
-    def _forward_impl(self, index):
+    def _read(self, index: np.ndarray):
+        """(counts, weight) of positions ``index`` read from a streamed scan."""
+        counts = tf.constant(_squared_fft_order(self.scan.diffraction[index]))
+        if not self.scan.masked:
+            return counts, None
+        if not self.scan.masks_per_pattern:
+            return counts, self.valid
+        return counts, tf.constant(_fft_order(self.scan.valid_pixels(index)))
+
+    def _forward_impl(self, index, counts, weight):
         """Per position of the minibatch (B, 6): sums of the loss, the Poisson NLL,
-        |sqrt(I) - a|, a, I and the counts."""
+        |sqrt(I) - a|, a, I and the counts (``counts`` and ``weight`` of the minibatch:
+        :meth:`measured`)."""
         indices, _, fraction = self._windows(index)
         intensity = self._intensity(
             self._illuminations(tf.convert_to_tensor(self.probe), fraction),
             self._patches(self.canvas, indices, fraction),
         )
-        counts = tf.gather(self.counts, index)
         expected = self._measurable(intensity)
         terms = [
             self._loss(intensity, counts),
@@ -505,20 +559,28 @@ class Refiner:
             intensity,
             counts if self.background is None else counts - self.background,
         ]
-        weight = self._weight(index)
         if weight is not None:
             terms = [term * weight for term in terms]
         return tf.stack([tf.reduce_sum(term, axis=(1, 2)) for term in terms], axis=1)
 
-    def gradients(self, index, canvas=None, probe=None, *, wrt=("canvas", "probe", "positions")):
+    def gradients(
+        self,
+        index,
+        canvas=None,
+        probe=None,
+        *,
+        wrt=("canvas", "probe", "positions"),
+        measured=None,
+    ):
         """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
         the probe modes (K, N, N, 2) and the positions of ``index`` (B, 2) [x, y], at
         the current variables (or at the ``canvas`` / ``probe`` given), and the
         minibatch's (window indices, patches). Gradients not in ``wrt`` are zeros and
-        cost nothing: XLA drops their part of the backward pass."""
+        cost nothing: XLA drops their part of the backward pass. ``measured``: the
+        minibatch's (counts, weight) (default: :meth:`measured` of ``index``)."""
         options = self.options
         indices, _, fraction = self._windows(index)
-        counts = tf.gather(self.counts, index)
+        counts, weight = self.measured(index) if measured is None else measured
         canvas = tf.identity(self.canvas if canvas is None else canvas)
         probe = tf.identity(self.probe if probe is None else probe)
         # d loss / d position = d loss / d fraction: the integer part only picks the
@@ -529,7 +591,6 @@ class Refiner:
             patches = self._patches(canvas, indices, fraction)
             illuminations = self._illuminations(probe, fraction)
             loss = self._loss(self._intensity(illuminations, patches), counts)
-            weight = self._weight(index)
             loss = tf.reduce_sum(loss if weight is None else loss * weight)
             if options.smoothness:
                 share = tf.cast(tf.shape(index)[0], tf.float32) / self.scan.n_positions
@@ -541,7 +602,7 @@ class Refiner:
         ]
         return loss, grads, (indices, patches)
 
-    def _step_impl(self, index, object_step, position_step, probe_step):
+    def _step_impl(self, index, counts, weight, object_step, position_step, probe_step):
         """One minibatch update of every variable being refined (steps 0 leave one
         alone); returns the minibatch's loss."""
         options = self.options
@@ -552,7 +613,7 @@ class Refiner:
             + ["probe"] * options.refines_probe
         )
         loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(
-            index, wrt=wrt
+            index, wrt=wrt, measured=(counts, weight)
         )
         canvas = tf.convert_to_tensor(self.canvas)
 
@@ -596,21 +657,46 @@ class Refiner:
     # Driving the steps
     # ----------------------------------------------------------------------------------
 
-    def _batches(self, order: np.ndarray):
-        """Fixed-size minibatches covering ``order``; the last is topped up from the
-        start of ``order`` (so every step has one shape and compiles once)."""
+    def _minibatches(self, windows):
+        """``(index, counts, weight, size)`` of fixed-size minibatches over each window of
+        positions in turn; a window's last minibatch is topped up from its start (every
+        step has one shape and compiles once), ``size`` saying how many rows are its own.
+        A streamed scan's window is read from the file at once (its positions are read
+        in a few contiguous runs: :func:`ptycho.data.stream.shuffled_windows`)."""
         size = self.batch_size
-        count = math.ceil(len(order) / size)
-        padded = np.concatenate([order, order[: count * size - len(order)]]).astype(np.int32)
-        return [tf.constant(padded[k * size : (k + 1) * size]) for k in range(count)]
+        for window, data in _read_ahead(windows, None if self.counts is not None else self._read):
+            rank = None if data is None else np.argsort(np.argsort(window))
+            for first in range(0, len(window), size):
+                take = np.arange(first, first + size) % len(window)
+                index = tf.constant(window[take].astype(np.int32))
+                if data is None:
+                    counts, weight = self.measured(index)
+                else:
+                    rows = tf.constant(rank[take])
+                    counts, weight = data
+                    counts = tf.gather(counts, rows)
+                    if weight is not None and weight.shape.rank == 3:
+                        weight = tf.gather(weight, rows)
+                yield index, counts, weight, min(size, len(window) - first)
+
+    def _windows_of(self, order: np.ndarray | None = None):
+        """Windows of positions: ``order`` whole when the counts are in memory (None:
+        scan order), else windows of :data:`ptycho.data.stream.WINDOW_BYTES`; shuffled
+        by ``shuffled_windows`` when ``order`` is a random generator."""
+        m = self.scan.n_positions
+        if self.counts is not None:
+            return [np.arange(m) if order is None else order.permutation(m)]
+        window = window_items(1, self.n, multiple=self.batch_size)
+        if order is None:
+            return (np.arange(s, min(s + window, m)) for s in range(0, m, window))
+        return shuffled_windows(m, window, order)
 
     def totals(self) -> np.ndarray:
         """Sums over every position: loss, Poisson NLL, |sqrt(I) - a|, a, I, counts."""
-        m = self.scan.n_positions
         out = np.zeros(6)
-        for k, index in enumerate(self._batches(np.arange(m))):
-            valid = min(self.batch_size, m - k * self.batch_size)
-            out += self._forward(index).numpy()[:valid].astype(np.float64).sum(0)
+        for index, counts, weight, size in self._minibatches(self._windows_of()):
+            sums = self._forward(index, counts, weight).numpy()[:size]
+            out += sums.astype(np.float64).sum(0)
         return out
 
     def _fit_probe_scale(self) -> None:
@@ -679,8 +765,8 @@ class Refiner:
                 probe_step = _cosine(options.probe_step, options.final_step, fraction)
             steps = (tf.constant(object_step), tf.constant(position_step), tf.constant(probe_step))
             loss = 0.0
-            for index in self._batches(rng.permutation(self.scan.n_positions)):
-                loss = self._step(index, *steps)
+            for index, counts, weight, _ in self._minibatches(self._windows_of(rng)):
+                loss = self._step(index, counts, weight, *steps)
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(
                     f"the refinement diverged at iteration {iteration + 1} (loss {float(loss)}); "

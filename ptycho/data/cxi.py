@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ptycho.data.prepare import ELECTRON_VOLT, PLANCK_TIMES_C, Frames, Geometry
+from ptycho.data.stream import Source
 
 __all__ = ["frames", "probe", "write_cxi"]
 _LENGTH = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "micron": 1e-6, "nm": 1e-9}
@@ -115,6 +116,7 @@ def frames(handle, path: Path) -> Frames:
     )
     if data is None:
         raise ValueError("missing entry_1/data_1/data (the diffraction counts)")
+    source = Source(str(path), data.name)
     if data.ndim == 4:
         data = _Raster(data)
     if data.ndim != 3 or data.shape[1] != data.shape[2]:
@@ -139,6 +141,7 @@ def frames(handle, path: Path) -> Frames:
         dark=None if dark is None else np.asarray(dark[()], np.float32),
         geometry=geometry,
         centre=_beam_centre(detector, geometry),
+        file=source,
     )
 
 

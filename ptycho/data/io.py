@@ -19,7 +19,10 @@ Formats (docs/design.md, section 4; docs/data.md, docs/measured-data.md):
     geometry, mask, dark frame, beam centre.
 
 Every file goes through :func:`ptycho.data.prepare.prepare` (detector frames to
-patterns). HDF5 files are read chunk by chunk. Writing goes to a temporary file in the
+patterns). HDF5 files are read chunk by chunk, and large ones streamed: their patterns
+stay in the file and are read when used (``data.stream``, :mod:`ptycho.data.stream`).
+NPZ files are zip archives and are read whole; ``python -m ptycho.data.convert scan.npz
+scan.h5`` converts one. Writing goes to a temporary file in the
 same folder that is renamed over the target only when complete.
 """
 
@@ -36,6 +39,7 @@ from ptycho import __version__
 from ptycho.data import cxi, ptychodus
 from ptycho.data.prepare import Frames, PrepareOptions, prepare
 from ptycho.data.scan import Scan, coordinates
+from ptycho.data.stream import Source
 from ptycho.errors import DataError
 from ptycho.outputs import atomic_path
 
@@ -259,7 +263,7 @@ def _positions(x, y, m: int, path: Path) -> np.ndarray:
 
 def _write_npz(scan: Scan, tmp: Path) -> None:
     arrays = {
-        "diff3d": scan.diffraction,
+        "diff3d": np.asarray(scan.diffraction),  # NPZ is written (and read) whole
         "probeGuess": scan.probe,
         "xcoords": scan.xcoords,
         "ycoords": scan.ycoords,
@@ -307,6 +311,7 @@ def _frames_h5(handle, path: Path) -> Frames:
         nphotons=None if nphotons is None or np.isnan(nphotons) else float(nphotons),
         seed=None if seed is None or seed < 0 else int(seed),
         source=str(attrs.get("source", path)),
+        file=Source(str(path), frames.name),
     )
 
 
@@ -329,6 +334,11 @@ def _write_h5(scan: Scan, tmp: Path) -> None:
         if scan.object is not None:
             datasets["objectGuess"] = scan.object
         for name, data in datasets.items():
-            chunks = (min(len(data), 64), *data.shape[1:]) if name == "diff3d" else None
-            dataset = handle.create_dataset(name, data=data, chunks=chunks)
+            if name == "diff3d":  # in blocks: a streamed scan is never read whole
+                chunks = (min(len(data), 64), *data.shape[1:])
+                dataset = handle.create_dataset(name, data.shape, np.float32, chunks=chunks)
+                for start in range(0, len(data), 4096):
+                    dataset[start : start + 4096] = data[start : start + 4096]
+            else:
+                dataset = handle.create_dataset(name, data=data)
             dataset.attrs["units"] = _H5_UNITS[name]

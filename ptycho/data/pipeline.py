@@ -11,16 +11,21 @@ excludes (``Scan.valid``) read 0 in the input (as stored) and
 -1 in the target, which :class:`ptycho.model.PtychoLoss` leaves out of the loss.
 
 Only the (G, C) index table is shuffled; the amplitudes of a batch are gathered when
-the batch is needed, so no group is materialised ahead of time.
+the batch is needed, so no group is materialised ahead of time. A streamed scan
+(:mod:`ptycho.data.stream`) is read from its file a window of neighbouring groups at a
+time, the windows and the groups within them shuffled (docs/large-scans.md).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import tensorflow as tf
 
 from ptycho.data.grouping import group_offsets
 from ptycho.data.scan import Scan
+from ptycho.data.stream import shuffled_windows, window_items
 
 __all__ = ["make_dataset", "normalisation_factor"]
 
@@ -35,7 +40,8 @@ def normalisation_factor(
     it so that inference applies the same factor. Computed in chunks (no full copy), on
     the counts without the ``background`` when there is one (what the network sees).
     """
-    diffraction = np.asarray(diffraction)
+    if not hasattr(diffraction, "shape"):  # a list; Patterns are read a chunk at a time
+        diffraction = np.asarray(diffraction)
     m, n = diffraction.shape[0], diffraction.shape[1]
     total = 0.0
     for start in range(0, m, chunk):
@@ -95,14 +101,54 @@ def make_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _, offsets = group_offsets(scan.xcoords, scan.ycoords, groups)
+    offsets = offsets.astype(np.float32)
+    how = dict(
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        start_epoch=start_epoch,
+        epochs=epochs,
+    )
+    if scan.streamed:
+        batches = _streamed_batches(scan, groups, offsets, **how)
+    else:
+        batches = _memory_batches(scan, groups, offsets, **how)
+    with_offsets = groups.shape[1] > 1
+    factor = tf.constant(norm_factor, tf.float32)
+    background = None if scan.background is None else tf.constant(scan.background)
+
+    def sample(amplitudes, shifts, valid=None):
+        """(B, C, N, N) amplitudes as stored, (B, C, 2) offsets, (B, C, N, N) or (N, N)
+        valid pixels -> the model's inputs and target."""
+        if background is not None:
+            amplitudes = tf.sqrt(tf.maximum(tf.square(amplitudes) - background, 0.0))
+        amplitudes = tf.transpose(amplitudes, (0, 2, 3, 1))  # (B, N, N, C)
+        inputs = {"diffraction": amplitudes}
+        if with_offsets:
+            inputs["offsets"] = shifts
+        target = amplitudes * factor
+        if valid is not None:
+            measured = (
+                valid[..., None] if valid.shape.rank == 2 else tf.transpose(valid, (0, 2, 3, 1))
+            )
+            target = tf.where(measured, target, -tf.ones_like(target))
+        return inputs, {"amplitude": target}
+
+    dataset = batches.map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _memory_batches(
+    scan, groups, offsets, *, batch_size, shuffle, seed, drop_remainder, start_epoch, epochs
+):
+    """Batches gathered from the patterns held once as a tensor; the (G, C) index table
+    shuffled per epoch by a stateless shuffle keyed ``(seed, epoch)``."""
     diffraction = tf.convert_to_tensor(scan.diffraction)  # (M, N, N), held once
     group_table = tf.constant(groups)
-    offset_table = tf.constant(offsets.astype(np.float32))
-    factor = tf.constant(norm_factor, tf.float32)
-    with_offsets = groups.shape[1] > 1
+    offset_table = tf.constant(offsets)
     count = len(groups)
     valid = None if scan.valid is None else tf.constant(scan.valid)  # (N, N) or (M, N, N)
-    background = None if scan.background is None else tf.constant(scan.background)
 
     def epoch_batches(epoch):
         order = tf.range(count, dtype=tf.int64)
@@ -112,27 +158,65 @@ def make_dataset(
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder)
 
     def load(order):
-        amplitudes = tf.gather(diffraction, tf.gather(group_table, order))  # (B, C, N, N)
-        if background is not None:
-            amplitudes = tf.sqrt(tf.maximum(tf.square(amplitudes) - background, 0.0))
-        amplitudes = tf.transpose(amplitudes, (0, 2, 3, 1))  # (B, N, N, C)
-        inputs = {"diffraction": amplitudes}
-        if with_offsets:
-            inputs["offsets"] = tf.gather(offset_table, order)
-        target = amplitudes * factor
-        if valid is not None:
-            measured = (
-                valid[..., None]
-                if valid.shape.rank == 2
-                else tf.transpose(tf.gather(valid, tf.gather(group_table, order)), (0, 2, 3, 1))
-            )
-            target = tf.where(measured, target, -tf.ones_like(target))
-        return inputs, {"amplitude": target}
+        members = tf.gather(group_table, order)
+        amplitudes = tf.gather(diffraction, members)  # (B, C, N, N)
+        shifts = tf.gather(offset_table, order)
+        if valid is None:
+            return amplitudes, shifts
+        return amplitudes, shifts, valid if valid.shape.rank == 2 else tf.gather(valid, members)
 
     if epochs is None:
-        epoch_numbers = tf.data.Dataset.counter(start_epoch)
+        numbers = tf.data.Dataset.counter(start_epoch)
     else:
-        epoch_numbers = tf.data.Dataset.range(start_epoch, start_epoch + epochs)
-    dataset = epoch_numbers.flat_map(epoch_batches)
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+        numbers = tf.data.Dataset.range(start_epoch, start_epoch + epochs)
+    return numbers.flat_map(epoch_batches).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _streamed_batches(
+    scan, groups, offsets, *, batch_size, shuffle, seed, drop_remainder, start_epoch, epochs
+):
+    """Batches read from the scan's file a window at a time: the groups sorted by their
+    first member (neighbours are read together), shuffled by :func:`ptycho.data.stream.
+    shuffled_windows` keyed ``(seed, epoch)``: blocks of neighbouring groups in a random
+    order, 16 blocks per window shuffled together; batches run on across windows."""
+    order = np.argsort(groups.min(axis=1), kind="stable")
+    groups, offsets = groups[order], offsets[order]
+    count, c, n = len(groups), groups.shape[1], scan.n
+    window = window_items(c, n, multiple=batch_size)
+
+    def windows(epoch):
+        if shuffle:
+            yield from shuffled_windows(count, window, np.random.default_rng([seed, epoch]))
+        else:
+            yield from (np.arange(s, min(s + window, count)) for s in range(0, count, window))
+
+    def generate():
+        numbers = (
+            itertools.count(start_epoch)
+            if epochs is None
+            else range(start_epoch, start_epoch + epochs)
+        )
+        for epoch in numbers:
+            pending = None
+            for items in windows(epoch):
+                members = groups[items]
+                loaded = [scan.diffraction[members], offsets[items]]
+                if scan.masked:
+                    loaded.append(scan.valid_pixels(members))
+                if pending is not None:
+                    loaded = [np.concatenate(pair) for pair in zip(pending, loaded, strict=True)]
+                full = len(loaded[0]) // batch_size * batch_size
+                for first in range(0, full, batch_size):
+                    yield tuple(part[first : first + batch_size] for part in loaded)
+                pending = [part[full:] for part in loaded]
+            if pending is not None and len(pending[0]) and not drop_remainder:
+                yield tuple(pending)
+
+    size = batch_size if drop_remainder else None
+    signature = [
+        tf.TensorSpec((size, c, n, n), tf.float32),
+        tf.TensorSpec((size, c, 2), tf.float32),
+    ]
+    if scan.masked:
+        signature.append(tf.TensorSpec((size, c, n, n), tf.bool))
+    return tf.data.Dataset.from_generator(generate, output_signature=tuple(signature))

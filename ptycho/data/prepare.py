@@ -41,6 +41,7 @@ import numpy as np
 
 from ptycho import probes
 from ptycho.data.scan import Scan, without_background
+from ptycho.data.stream import Patterns, Source
 from ptycho.errors import choice, require
 
 __all__ = [
@@ -98,7 +99,8 @@ class Frames:
     """What a scan file holds, before :func:`prepare`.
 
     ``frames`` is anything sliced by ``frames[a:b]`` into (k, F, F) numbers (a NumPy
-    array, or an open HDF5 dataset read chunk by chunk); ``amplitudes`` says whether it
+    array, or an open HDF5 dataset read chunk by chunk, whose ``file`` says where it
+    lives so that it can be streamed); ``amplitudes`` says whether it
     holds ``sqrt(counts)`` (the project's and PtychoPINN's files) or counts (detectors).
     ``positions`` is (M, 2) [x, y] in ``units`` ("pixels": patch centres in object
     pixels; "metres"). ``excluded``: (F, F) bool, True for pixels the file's mask
@@ -121,6 +123,8 @@ class Frames:
     geometry: Geometry | None = None
     centre: tuple[float, float] | None = None
     metadata: dict = field(default_factory=dict)
+    file: Source | None = None
+    """Where ``frames`` live when they are an HDF5 dataset (they can then be streamed)."""
 
 
 @dataclass
@@ -156,6 +160,12 @@ class PrepareOptions:
     """``model``: an additive term of the likelihood (counts ~ Poisson(I + b); R-factors
     against the counts as measured); ``subtract``: ``sqrt(max(counts - b, 0))`` stored
     instead (docs/measured-data.md compares them)."""
+    stream: Any = AUTO
+    """Read HDF5 and CXI patterns from the file when they are used instead of holding
+    them in memory (docs/large-scans.md): ``auto`` (when the prepared patterns exceed
+    ``stream_above_gb``), ``true`` or ``false``. NPZ files are always read whole."""
+    stream_above_gb: float = 2.0
+    """``stream=auto`` streams scans whose prepared patterns exceed this (GB of float32)."""
 
     def check(self) -> None:
         """``ValueError`` naming the first field out of range or file that is missing."""
@@ -194,6 +204,14 @@ class PrepareOptions:
                     "file or null",
                 ),
                 choice("background_mode", self.background_mode, BackgroundMode),
+                (
+                    self.stream in (AUTO, True, False),
+                    f"stream={self.stream}: must be auto, true or false",
+                ),
+                (
+                    self.stream_above_gb > 0,
+                    f"stream_above_gb={self.stream_above_gb}: must be > 0",
+                ),
             ]
         )
 
@@ -581,6 +599,26 @@ def prepare(
             f"probe of {size} or {f} pixels (data.probe_path)"
         )
 
+    detector = ~_binned(excluded[row : row + window, col : col + window][None], options.bin)[0]
+    if isinstance(background, np.ndarray):
+        cut = background[row : row + window, col : col + window]
+        background = _binned(cut[None], options.bin)[0] * detector
+    elif background is not None:
+        background = np.full((size, size), background * options.bin**2, np.float32) * detector
+    subtracted = background is not None and options.background_mode == BackgroundMode.subtract
+    recipe = _Recipe(
+        amplitudes=frames.amplitudes,
+        saturation=options.saturation,
+        shift=bool(shift),
+        corner=(row, col),
+        window=window,
+        bin=options.bin,
+        detector=detector,
+        subtract=background if subtracted else None,
+        clean=not (stats.bad.any() or stats.saturated),
+    )
+    if subtracted:
+        background = None
     identity = (
         frames.amplitudes
         and (window, size, row) == (f, f, 0)
@@ -589,31 +627,27 @@ def prepare(
         and not stats.bad.any()
         and isinstance(frames.frames, np.ndarray)
     )
-    if identity:  # nothing to change: the file's amplitudes as they are (no copy)
-        diffraction, per_pattern = frames.frames, None
+    per_pattern, valid = None, detector
+    if _streams(frames, options, m, size):
+        diffraction = Patterns(
+            frames.file,
+            (m, size, size),
+            recipe,
+            per_pattern=bool(stats.bad.any() or stats.saturated),
+        )
+    elif identity:  # nothing to change: the file's amplitudes as they are (no copy)
+        diffraction = frames.frames
+        if not detector.all():
+            diffraction = np.where(detector, diffraction, 0).astype(np.float32)
+        if recipe.subtract is not None:
+            diffraction = _subtract(diffraction, recipe.subtract, copy=diffraction is frames.frames)
     else:
-        diffraction, per_pattern = _patterns(frames, options, shift, (row, col), window, size)
-    detector = ~_binned(excluded[row : row + window, col : col + window][None], options.bin)[0]
-    valid = detector
+        diffraction, per_pattern = _patterns(frames, recipe, size)
     if per_pattern is not None:
-        valid = per_pattern & valid
+        valid = per_pattern & detector
         if not valid.any(axis=(1, 2)).all():
             bad = int(np.argmin(valid.any(axis=(1, 2))))
             raise ValueError(f"{name}: pattern {bad} has no usable pixel (all masked)")
-    if not identity and not valid.all():
-        diffraction *= valid  # masked pixels read 0 (the network's input)
-    elif identity and not valid.all():
-        diffraction = np.where(valid, diffraction, 0).astype(np.float32)
-
-    if isinstance(background, np.ndarray):
-        cut = background[row : row + window, col : col + window]
-        background = _binned(cut[None], options.bin)[0] * detector
-    elif background is not None:
-        background = np.full((size, size), background * options.bin**2, np.float32) * detector
-    subtracted = background is not None and options.background_mode == BackgroundMode.subtract
-    if subtracted:
-        diffraction = _subtract(diffraction, background, copy=identity)
-        background = None
     notes = {
         "frame": f,
         "window": window,
@@ -668,28 +702,81 @@ def _subtract(amplitudes: np.ndarray, background: np.ndarray, *, copy: bool) -> 
     return out
 
 
-def _patterns(frames, options, shift, corner, window, size):
-    """(M, N, N) float32 amplitudes and the per-pattern valid pixels (or None)."""
+def _patterns(frames, recipe: _Recipe, size: int):
+    """(M, N, N) float32 amplitudes in memory and the per-pattern valid pixels (or
+    None), prepared block by block."""
     m = len(frames.positions)
     out = np.empty((m, size, size), np.float32)
     per_pattern = None
-    row, col = corner
-    crop = np.s_[:, row : row + window, col : col + window]
     step = _chunk(frames.frames.shape[-1])
     for start in range(0, m, step):
-        counts, bad = _counts(frames, start, start + step)
-        if options.saturation is not None:
-            bad |= counts >= options.saturation
-            counts[bad] = 0.0
-        if shift:
-            counts, bad = np.fft.fftshift(counts, axes=(1, 2)), np.fft.fftshift(bad, axes=(1, 2))
-        counts = _binned(counts[crop], options.bin)
-        np.sqrt(counts, out=out[start : start + len(counts)])
-        if bad.any():
+        amplitudes, valid = recipe(frames.frames[start : start + step])
+        out[start : start + len(amplitudes)] = amplitudes
+        if valid is not None and not valid.all():
             if per_pattern is None:
                 per_pattern = np.ones((m, size, size), bool)
-            per_pattern[start : start + len(counts)] = ~_binned(bad[crop], options.bin)
+            per_pattern[start : start + len(amplitudes)] = valid
     return out, per_pattern
+
+
+def _streams(frames: Frames, options: PrepareOptions, m: int, size: int) -> bool:
+    """Whether the patterns are read from the file when used (``data.stream``)."""
+    if frames.file is None or options.stream is False:
+        return False
+    if options.stream is True:
+        return True
+    return m * size * size * 4 > options.stream_above_gb * 1e9
+
+
+@dataclass(frozen=True, eq=False)
+class _Recipe:
+    """Steps 1 and 4-5 and the masks, for one block of frames as stored: ``frames (k,
+    F, F) -> (amplitudes (k, N, N) float32, valid (k, N, N) bool)``, valid False where
+    the block's own values are bad or saturated; amplitudes are 0 there and where the
+    ``detector`` mask excludes, and have the ``subtract`` counts taken out."""
+
+    amplitudes: bool
+    saturation: float | None
+    shift: bool
+    corner: tuple[int, int]
+    window: int
+    bin: int
+    detector: np.ndarray
+    subtract: np.ndarray | None
+    clean: bool = False  # no frame has a bad or saturated value: nothing to look for
+
+    def __call__(self, frames) -> tuple[np.ndarray, np.ndarray | None]:
+        counts = np.asarray(frames, dtype=np.float32)
+        owned = counts is not frames  # a copy made here, which may be changed in place
+        bad, any_bad = None, False
+        if not self.clean:  # look for bad and saturated values
+            bad = ~(counts >= 0)  # NaN and negative
+            bad |= counts == np.inf
+            if self.saturation is not None:
+                bad |= (np.square(counts) if self.amplitudes else counts) >= self.saturation
+            any_bad = bool(bad.any())
+        if any_bad:
+            counts, owned = np.where(bad, np.float32(0), counts), True
+        row, col = self.corner
+        f = counts.shape[-1]
+        if self.amplitudes and (self.window, self.bin, row, col, self.shift) == (f, 1, 0, 0, False):
+            amplitudes = counts  # amplitudes as stored: nothing to cut, bin or shift
+        else:
+            if self.amplitudes:
+                counts = np.square(counts, out=counts if owned else None)
+            crop = np.s_[:, row : row + self.window, col : col + self.window]
+            if self.shift:
+                counts = np.fft.fftshift(counts, axes=(1, 2))
+                bad = np.fft.fftshift(bad, axes=(1, 2)) if any_bad else None
+            counts, bad = counts[crop], (bad[crop] if any_bad else None)
+            amplitudes = np.sqrt(_binned(counts, self.bin)).astype(np.float32, copy=False)
+        valid = ~_binned(bad, self.bin) if any_bad else None
+        mask = self.detector if valid is None else valid & self.detector
+        if not mask.all():  # masked pixels read 0 (the network's input)
+            amplitudes = amplitudes * mask
+        if self.subtract is not None:
+            amplitudes = without_background(amplitudes, self.subtract).astype(np.float32)
+        return amplitudes, valid
 
 
 def _log_preparation(name: str, notes: dict) -> None:

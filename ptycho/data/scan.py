@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ptycho.data.stream import Patterns
+
 __all__ = ["Scan", "coordinates", "without_background"]
 
 _CHUNK = 1024  # patterns per validation chunk: bounded temporaries on large scans
@@ -22,6 +24,25 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+def _check_amplitudes(diffraction: np.ndarray) -> None:
+    """``ValueError`` naming the first pattern with a non-finite or negative amplitude."""
+    if np.iscomplexobj(diffraction):
+        raise ValueError(
+            "Scan.diffraction: expected real amplitudes sqrt(counts), got a complex array"
+        )
+    for start in range(0, len(diffraction), _CHUNK):
+        chunk = diffraction[start : start + _CHUNK]
+        if not np.isfinite(chunk).all():
+            bad = start + int(np.argmin(np.isfinite(chunk).all(axis=(1, 2))))
+            raise ValueError(f"Scan.diffraction: non-finite value (NaN or Inf) in pattern {bad}")
+        if (chunk < 0).any():
+            bad = start + int(np.argmax((chunk < 0).any(axis=(1, 2))))
+            raise ValueError(
+                f"Scan.diffraction: negative amplitude in pattern {bad}; amplitudes are "
+                "sqrt(counts) >= 0"
+            )
 
 
 def without_background(amplitudes: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -48,9 +69,10 @@ class Scan:
 
     Parameters
     ----------
-    diffraction : (M, N, N) float32
+    diffraction : (M, N, N) float32, or :class:`ptycho.data.stream.Patterns`
         Measured far-field amplitudes ``sqrt(counts)``, zero frequency at the centre.
-        N is even and >= 16.
+        N is even and >= 16. Patterns (a streamed scan) read them from the file when
+        they are indexed.
     probe : (N, N) complex64, or (K, N, N) for K mutually incoherent modes
         Illumination (:mod:`ptycho.probes`).
     xcoords, ycoords : (M,) float64
@@ -100,7 +122,8 @@ class Scan:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: assign the coerced arrays once
-        diffraction = np.asarray(self.diffraction)
+        streamed = isinstance(self.diffraction, Patterns)
+        diffraction = self.diffraction if streamed else np.asarray(self.diffraction)
         if diffraction.ndim != 3 or diffraction.shape[1] != diffraction.shape[2]:
             raise ValueError(
                 f"Scan.diffraction: expected amplitudes of shape (M, N, N), got shape "
@@ -111,25 +134,10 @@ class Scan:
             raise ValueError("Scan.diffraction: the scan is empty (M = 0 patterns)")
         if n < 16 or n % 2:
             raise ValueError(f"Scan.diffraction: pattern size N must be even and >= 16, got {n}")
-        if np.iscomplexobj(diffraction):
-            raise ValueError(
-                "Scan.diffraction: expected real amplitudes sqrt(counts), got a complex array"
-            )
-        diffraction = diffraction.astype(np.float32, copy=False)
-        for start in range(0, m, _CHUNK):
-            chunk = diffraction[start : start + _CHUNK]
-            if not np.isfinite(chunk).all():
-                bad = start + int(np.argmin(np.isfinite(chunk).all(axis=(1, 2))))
-                raise ValueError(
-                    f"Scan.diffraction: non-finite value (NaN or Inf) in pattern {bad}"
-                )
-            if (chunk < 0).any():
-                bad = start + int(np.argmax((chunk < 0).any(axis=(1, 2))))
-                raise ValueError(
-                    f"Scan.diffraction: negative amplitude in pattern {bad}; amplitudes are "
-                    "sqrt(counts) >= 0"
-                )
-        set_(self, "diffraction", _readonly(diffraction))
+        if not streamed:  # streamed patterns are finite and >= 0 as they are read
+            _check_amplitudes(diffraction)
+            diffraction = _readonly(diffraction.astype(np.float32, copy=False))
+        set_(self, "diffraction", diffraction)
 
         probe = np.asarray(self.probe)
         if probe.shape[-2:] != (n, n) or probe.ndim not in (2, 3) or len(probe) == 0:
@@ -241,14 +249,34 @@ class Scan:
             return amplitudes
         return without_background(amplitudes, self.background)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the patterns are read from their file when used (not in memory)."""
+        return isinstance(self.diffraction, Patterns)
+
+    @property
+    def masks_per_pattern(self) -> bool:
+        """Whether some patterns have pixels of their own masked (bad or saturated)."""
+        if self.streamed:
+            return self.diffraction.per_pattern
+        return self.valid is not None and self.valid.ndim == 3
+
+    @property
+    def masked(self) -> bool:
+        """Whether any pixel is masked (the detector's mask, or a pattern's own)."""
+        return self.valid is not None or self.masks_per_pattern
+
     def valid_pixels(self, indices) -> np.ndarray | None:
-        """(len(indices), N, N) bool: the pixels that count in patterns ``indices``
+        """(*indices.shape, N, N) bool: the pixels that count in patterns ``indices``
         (None when every pixel counts)."""
+        indices = np.asarray(indices)
+        own = self.diffraction.valid(indices) if self.streamed else None
         if self.valid is None:
-            return None
-        if self.valid.ndim == 2:
-            return np.broadcast_to(self.valid, (len(indices), self.n, self.n))
-        return self.valid[np.asarray(indices)]
+            return own
+        if self.valid.ndim == 3:
+            return self.valid[indices]
+        detector = np.broadcast_to(self.valid, (*indices.shape, self.n, self.n))
+        return detector if own is None else own & detector
 
     def replace(self, **changes) -> Scan:
         """A new Scan with some fields changed (validated again)."""

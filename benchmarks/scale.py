@@ -1,0 +1,327 @@
+"""Time and peak memory against the number of patterns: training, inference and
+refinement of streamed HDF5 scans (docs/large-scans.md).
+
+    python benchmarks/scale.py --json                        # 1e3 .. 1e6 patterns, N 64
+    python benchmarks/scale.py --patterns 1000 10000 --json
+    python benchmarks/scale.py --compare 10000 --json        # in memory vs streamed
+    python benchmarks/scale.py --plot benchmarks/results/scale_cpu.jsonl
+
+Each scan is simulated straight into an HDF5 file a block at a time (the generator
+itself stays within memory): a random smooth complex object, the project's aberrated
+probe, positions on a raster of ``--step`` pixels (4 px: PtychoPINN's dense grid, which
+keeps the object of 1e6 positions at 4,000 x 4,000 pixels), noiseless patterns of 1e6
+photons. Each task runs in a fresh process, which reports its wall time and its peak
+resident memory (VmHWM, the whole process: Python, TensorFlow, the model):
+
+``train``
+    ``--train-steps`` steps of a training epoch (batch 16, 2 x 2 groups, the default
+    model), after the epoch's setup (grouping, normalisation, the first window); the
+    epoch's time is extrapolated from the steps' median rate, since a full epoch of 1e6
+    groups takes hours on a CPU.
+``infer``
+    A whole reconstruction (``infer.groups=tile``: each position predicted once; an
+    untrained network of the default size: the cost does not depend on the weights).
+``refine``
+    ``refine=object``: setup (the probe's count scale), one iteration and the final
+    evaluation pass.
+
+``--compare M`` runs each task on one scan of M patterns with the patterns in memory
+and streamed, alternately, ``--repeats`` times, and reports the median ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TASKS = ("train", "infer", "refine")
+PHOTONS = 1e6
+
+
+def peak_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+# --------------------------------------------------------------------------------------
+# The scan, written a block at a time
+# --------------------------------------------------------------------------------------
+
+
+def write_scan(path: Path, m: int, n: int, step: float, seed: int = 0) -> None:
+    """A scan of ``m`` patterns of ``n`` x ``n`` in the project's HDF5 format, simulated
+    and written 4,096 patterns at a time."""
+    import h5py
+
+    from ptycho import __version__
+    from ptycho.data.simulate import make_probe
+
+    side = int(np.ceil(np.sqrt(m)))
+    rows = int(np.ceil(m / side))
+    size = (int(rows * step + n + 2), int(side * step + n + 2))
+    rng = np.random.default_rng(seed)
+    # A smooth random object: low-passed noise in amplitude and phase.
+    fy, fx = np.fft.fftfreq(size[0])[:, None], np.fft.rfftfreq(size[1])[None, :]
+    lowpass = np.exp(-(fx**2 + fy**2) / (2 * 0.02**2)).astype(np.float32)
+    fields = []
+    for _ in range(2):
+        noise = rng.standard_normal(size, dtype=np.float32)
+        smooth = np.fft.irfft2(np.fft.rfft2(noise) * lowpass, s=size).astype(np.float32)
+        fields.append((smooth - smooth.mean()) / (smooth.std() + 1e-12))
+    obj = (0.6 + 0.2 * np.tanh(fields[0])) * np.exp(0.5j * np.tanh(fields[1]))
+    obj = obj.astype(np.complex64)
+    del fields
+    probe = make_probe(n).astype(np.complex64)
+    index = np.arange(m)
+    x = n / 2 + 1 + step * (index % side)
+    y = n / 2 + 1 + step * (index // side)
+    scale = None
+    with h5py.File(path, "w") as handle:
+        handle.attrs["format"] = "ptychopinn-xla scan"
+        handle.attrs["ptycho_version"] = __version__
+        handle.attrs["nphotons"] = PHOTONS
+        handle.attrs["seed"] = seed
+        handle.attrs["source"] = f"benchmarks/scale.py: {m} patterns, step {step}"
+        data = handle.create_dataset("diff3d", (m, n, n), np.float32, chunks=(64, n, n))
+        rows_, cols_ = np.arange(n)[None, :, None], np.arange(n)[None, None, :]
+        for start in range(0, m, 1024):
+            block = slice(start, min(start + 1024, m))
+            top = np.round(y[block] - n / 2).astype(np.int64)[:, None, None]
+            left = np.round(x[block] - n / 2).astype(np.int64)[:, None, None]
+            patches = obj[top + rows_, left + cols_]
+            far = np.fft.fftshift(np.fft.fft2(patches * probe), axes=(1, 2))
+            intensity = (far.real**2 + far.imag**2).astype(np.float32)
+            if scale is None:
+                scale = PHOTONS / float(intensity.sum(axis=(1, 2)).mean())
+            data[block] = np.sqrt(intensity * scale)
+        for name, values in (("xcoords", x), ("ycoords", y)):
+            handle.create_dataset(name, data=values)
+        handle.create_dataset("probeGuess", data=probe)
+        handle.create_dataset("objectGuess", data=obj)
+
+
+# --------------------------------------------------------------------------------------
+# The tasks, each in a process of its own
+# --------------------------------------------------------------------------------------
+
+
+def child(task: str, path: str, stream: bool, steps: int) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from ptycho.data import load_scan
+    from ptycho.data.prepare import PrepareOptions
+    from ptycho.model import ModelConfig, build_model
+
+    started = time.perf_counter()
+    scan = load_scan(path, options=PrepareOptions(stream=stream))
+    record = {"load_s": time.perf_counter() - started, "streamed": scan.streamed}
+    keras.utils.set_random_seed(0)
+    config = ModelConfig(n=scan.n).resolved("jit")
+    if task == "train":
+        record.update(_train(scan, config, steps))
+    elif task == "infer":
+        from ptycho.data.pipeline import normalisation_factor
+        from ptycho.inference import reconstruct
+
+        factor = normalisation_factor(scan.diffraction)
+        model, _ = build_model(config, probe=scan.probe, norm_factor=factor)
+        begin = time.perf_counter()
+        result = reconstruct(model, scan, compile_mode="jit", batch_size=64, groups="tile")
+        record.update(seconds=time.perf_counter() - begin, groups=result.groups)
+    else:
+        from ptycho.refine import RefineOptions, Refiner
+
+        begin = time.perf_counter()
+        options = RefineOptions(mode="object", iterations=1, eval_every=1)
+        result = Refiner(scan, options).run()
+        record.update(seconds=time.perf_counter() - begin, r_factor=result.r_factor)
+    record["peak_rss_mb"] = peak_mb()
+    return record
+
+
+def _train(scan, config, steps: int) -> dict:
+    from ptycho.data import make_dataset
+    from ptycho.data.grouping import group_positions
+    from ptycho.data.pipeline import normalisation_factor
+    from ptycho.model import build_model, compile_model
+
+    batch = 16
+    begin = time.perf_counter()
+    groups = group_positions(scan.xcoords, scan.ycoords, config.gridsize)
+    factor = normalisation_factor(scan.diffraction)
+    model, _ = build_model(config, probe=scan.probe, norm_factor=factor)
+    compile_model(model, "jit")
+    dataset = make_dataset(
+        scan, groups, norm_factor=factor, batch_size=batch, drop_remainder=True, epochs=1
+    )
+    batches = iter(dataset)
+    inputs, target = next(batches)
+    model.train_on_batch(inputs, target)  # trace and compile
+    setup = time.perf_counter() - begin
+    times = []
+    for _ in range(steps):
+        inputs, target = next(batches)
+        tick = time.perf_counter()
+        model.train_on_batch(inputs, target)
+        times.append(time.perf_counter() - tick)
+    total = time.perf_counter() - begin - setup
+    per_step = total / steps  # data included: the input pipeline is part of the rate
+    epoch_steps = len(groups) // batch
+    return {
+        "seconds": setup + per_step * epoch_steps,
+        "setup_s": setup,
+        "steps_timed": steps,
+        "epoch_steps": epoch_steps,
+        "samples_per_s": batch / per_step,
+        "step_median_s": statistics.median(times),
+        "extrapolated": steps < epoch_steps,
+    }
+
+
+def run_child(task: str, path: Path, stream: bool, steps: int) -> dict:
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", task, str(path), str(int(stream)), str(steps)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{task} on {path} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------
+
+
+def emit(record: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record), flush=True)
+        return
+    print(
+        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+        flush=True,
+    )
+
+
+def plot(path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("kind") == "scale"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for task in TASKS:
+        rows = sorted((r for r in records if r["task"] == task), key=lambda r: r["patterns"])
+        if not rows:
+            continue
+        m = [r["patterns"] for r in rows]
+        left.loglog(m, [r["seconds"] for r in rows], "o-", label=task)
+        right.semilogx(m, [r["peak_rss_mb"] / 1024 for r in rows], "o-", label=task)
+    if records:
+        m = np.array(sorted({r["patterns"] for r in records}), float)
+        left.loglog(m, m / m[0] * 10, "k:", label="linear")
+    left.set(xlabel="patterns (N 64)", ylabel="seconds", title="time")
+    right.axhline(3.0, color="r", ls="--", label="3 GB target")
+    right.set(xlabel="patterns (N 64)", ylabel="peak RSS (GB)", title="memory", ylim=(0, None))
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument(
+        "--patterns", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000]
+    )
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--step", type=float, default=4.0, help="raster step, pixels")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--train-steps", type=int, default=100)
+    parser.add_argument("--compare", type=int, help="in memory vs streamed at this size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder", type=Path, help="where the scans go (default: a temp folder)")
+    parser.add_argument("--plot", type=Path, help="plot a results file (.jsonl) to .png")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        task, path, stream, steps = args.child
+        print(json.dumps(child(task, path, bool(int(stream)), int(steps))), flush=True)
+        return 0
+    if args.plot:
+        plot(args.plot, args.plot.with_suffix(".png"))
+        return 0
+    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
+        sizes = [args.compare] if args.compare else args.patterns
+        for m in sizes:
+            path = Path(folder) / f"scan_{m}.h5"
+            begin = time.perf_counter()
+            write_scan(path, m, args.n, args.step)
+            emit(
+                {
+                    "kind": "scan",
+                    "patterns": m,
+                    "n": args.n,
+                    "file_gb": round(path.stat().st_size / 1e9, 3),
+                    "write_s": round(time.perf_counter() - begin, 1),
+                    "writer_peak_rss_mb": round(peak_mb(), 1),
+                },
+                args.json,
+            )
+            for task in args.tasks:
+                if args.compare:
+                    _compare(task, path, m, args)
+                    continue
+                record = run_child(task, path, True, args.train_steps)
+                emit(
+                    {"kind": "scale", "task": task, "patterns": m, "n": args.n, **record}, args.json
+                )
+            path.unlink()
+    return 0
+
+
+def _compare(task: str, path: Path, m: int, args) -> None:
+    rates = {False: [], True: []}
+    for _ in range(args.repeats):
+        for stream in (False, True):
+            record = run_child(task, path, stream, args.train_steps)
+            # training: the steps' rate (the epoch's setup is the same either way)
+            rates[stream].append(
+                16 / record["samples_per_s"] if task == "train" else record["seconds"]
+            )
+            emit({"kind": "run", "task": task, "patterns": m, **record}, args.json)
+    memory, streamed = (statistics.median(rates[s]) for s in (False, True))
+    emit(
+        {
+            "kind": "compare",
+            "task": task,
+            "patterns": m,
+            "memory_s": memory,
+            "streamed_s": streamed,
+            "streamed_over_memory": streamed / memory,
+            "repeats": args.repeats,
+        },
+        args.json,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

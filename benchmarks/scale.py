@@ -16,8 +16,9 @@ resident memory (VmHWM, the whole process: Python, TensorFlow, the model):
 ``train``
     ``--train-steps`` steps of a training epoch (batch 16, 2 x 2 groups, the default
     model), after the epoch's setup (grouping, normalisation, the first window); the
-    epoch's time is extrapolated from the steps' median rate, since a full epoch of 1e6
-    groups takes hours on a CPU.
+    epoch's time is extrapolated from the steps' rate (``model.fit`` as train.py runs it,
+    the input pipeline included), since a full epoch of 1e6 groups takes hours on a
+    CPU.
 ``infer``
     A whole reconstruction (``infer.groups=tile``: each position predicted once; an
     untrained network of the default size: the cost does not depend on the weights).
@@ -27,6 +28,13 @@ resident memory (VmHWM, the whole process: Python, TensorFlow, the model):
 
 ``--compare M`` runs each task on one scan of M patterns with the patterns in memory
 and streamed, alternately, ``--repeats`` times, and reports the median ratio.
+
+``--workers M`` runs inference and refinement (``refine=object``, ``--iterations``) on
+one scan of M patterns by 1 and by 2 worker processes on localhost
+(``MultiWorkerMirroredStrategy``, as ``infer.py distribute=multiworker``), with the same
+batch per worker (2 workers: a global minibatch twice as large, half the steps), and
+reports time and quality against the simulated object (amplitude SSIM, R-factor), and
+the largest difference of the two objects.
 """
 
 from __future__ import annotations
@@ -167,30 +175,111 @@ def _train(scan, config, steps: int) -> dict:
     model, _ = build_model(config, probe=scan.probe, norm_factor=factor)
     compile_model(model, "jit")
     dataset = make_dataset(
-        scan, groups, norm_factor=factor, batch_size=batch, drop_remainder=True, epochs=1
+        scan, groups, norm_factor=factor, batch_size=batch, drop_remainder=True, epochs=None
     )
-    batches = iter(dataset)
-    inputs, target = next(batches)
-    model.train_on_batch(inputs, target)  # trace and compile
+    model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)  # trace and compile
     setup = time.perf_counter() - begin
-    times = []
-    for _ in range(steps):
-        inputs, target = next(batches)
-        tick = time.perf_counter()
-        model.train_on_batch(inputs, target)
-        times.append(time.perf_counter() - tick)
-    total = time.perf_counter() - begin - setup
-    per_step = total / steps  # data included: the input pipeline is part of the rate
     epoch_steps = len(groups) // batch
+    steps = min(steps, epoch_steps)
+    tick = time.perf_counter()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)  # as train.py trains
+    per_step = (time.perf_counter() - tick) / steps
     return {
         "seconds": setup + per_step * epoch_steps,
         "setup_s": setup,
         "steps_timed": steps,
         "epoch_steps": epoch_steps,
         "samples_per_s": batch / per_step,
-        "step_median_s": statistics.median(times),
         "extrapolated": steps < epoch_steps,
     }
+
+
+def worker_child(task: str, path: str, iterations: int, out: str) -> dict:
+    """One worker of ``--workers``: the cluster from TF_CONFIG (none: one worker)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from ptycho.distribute import DistributeOptions, make_distribution
+
+    multi = bool(os.environ.get("TF_CONFIG"))
+    distribution = make_distribution(DistributeOptions(strategy="multiworker" if multi else "none"))
+    import keras
+
+    from ptycho.data import load_scan
+    from ptycho.scoring import Scorer
+
+    scan = load_scan(path)
+    keras.utils.set_random_seed(0)
+    begin = time.perf_counter()
+    if task == "infer":
+        from ptycho.data.pipeline import normalisation_factor
+        from ptycho.inference import reconstruct
+        from ptycho.model import ModelConfig, build_model
+
+        factor = normalisation_factor(scan.diffraction)
+        model, _ = build_model(
+            ModelConfig(n=scan.n).resolved("jit"), probe=scan.probe, norm_factor=factor
+        )
+        begin = time.perf_counter()
+        result = reconstruct(
+            model,
+            scan,
+            compile_mode="jit",
+            groups="tile",
+            align_phase=False,  # each share aligned as a whole otherwise (docs/large-scans.md)
+            distribution=distribution,
+        )
+    else:
+        from ptycho.refine import RefineOptions, Refiner
+
+        options = RefineOptions(mode="object", iterations=iterations, eval_every=iterations)
+        result = Refiner(scan, options, distribution=distribution).run()
+    seconds = time.perf_counter() - begin
+    metrics = Scorer(scan).score(result)
+    if distribution.chief:
+        np.save(out, result.obj)
+    return {
+        "seconds": seconds,
+        "r_factor": metrics["r_factor"],
+        "amp_ssim": metrics.get("amp_ssim"),
+        "phase_ssim": metrics.get("phase_ssim"),
+        "worker": distribution.worker,
+        "peak_rss_mb": peak_mb(),
+    }
+
+
+def run_workers(task: str, path: Path, count: int, iterations: int, folder: Path) -> dict:
+    """``task`` by ``count`` local worker processes; the chief's record."""
+    import socket
+
+    ports = []
+    for _ in range(count):
+        with socket.socket() as probe:
+            probe.bind(("localhost", 0))
+            ports.append(probe.getsockname()[1])
+    cluster = [f"localhost:{port}" for port in ports]
+    out = folder / f"obj_{task}_{count}.npy"
+    processes = []
+    for worker in range(count):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        if count > 1:
+            config = {"cluster": {"worker": cluster}, "task": {"type": "worker", "index": worker}}
+            env["TF_CONFIG"] = json.dumps(config)
+        command = [sys.executable, __file__, "--worker-child", task, str(path), str(iterations)]
+        processes.append(
+            subprocess.Popen(
+                [*command, str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [process.communicate() for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        if process.returncode != 0:
+            raise RuntimeError(f"{task} on {count} workers failed:\n{stderr[-3000:]}")
+    record = json.loads(outputs[0][0].strip().splitlines()[-1])
+    record["object"] = str(out)
+    return record
 
 
 def run_child(task: str, path: Path, stream: bool, steps: int) -> dict:
@@ -260,8 +349,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="where the scans go (default: a temp folder)")
     parser.add_argument("--plot", type=Path, help="plot a results file (.jsonl) to .png")
+    parser.add_argument("--workers", type=int, help="1 vs 2 local workers at this size")
+    parser.add_argument("--iterations", type=int, default=10, help="refinement (--workers)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker_child:
+        task, path, iterations, out = args.worker_child
+        print(json.dumps(worker_child(task, path, int(iterations), out)), flush=True)
+        return 0
     if args.child:
         task, path, stream, steps = args.child
         print(json.dumps(child(task, path, bool(int(stream)), int(steps))), flush=True)
@@ -270,7 +366,7 @@ def main(argv=None) -> int:
         plot(args.plot, args.plot.with_suffix(".png"))
         return 0
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        sizes = [args.compare] if args.compare else args.patterns
+        sizes = [args.compare or args.workers] if args.compare or args.workers else args.patterns
         for m in sizes:
             path = Path(folder) / f"scan_{m}.h5"
             begin = time.perf_counter()
@@ -286,6 +382,10 @@ def main(argv=None) -> int:
                 },
                 args.json,
             )
+            if args.workers:
+                _workers(path, args, Path(folder))
+                path.unlink()
+                continue
             for task in args.tasks:
                 if args.compare:
                     _compare(task, path, m, args)
@@ -296,6 +396,38 @@ def main(argv=None) -> int:
                 )
             path.unlink()
     return 0
+
+
+def _workers(path: Path, args, folder: Path) -> None:
+    for task in ("infer", "refine"):
+        records = {
+            count: run_workers(task, path, count, args.iterations, folder) for count in (1, 2)
+        }
+        objects = {count: np.load(record.pop("object")) for count, record in records.items()}
+        scale = float(np.abs(objects[1]).max())
+        for count, record in records.items():
+            emit(
+                {
+                    "kind": "workers",
+                    "task": task,
+                    "patterns": args.workers,
+                    "workers": count,
+                    **record,
+                },
+                args.json,
+            )
+        emit(
+            {
+                "kind": "workers_compare",
+                "task": task,
+                "patterns": args.workers,
+                "speedup": records[1]["seconds"] / records[2]["seconds"],
+                "amp_ssim_change": (records[2]["amp_ssim"] or 0) - (records[1]["amp_ssim"] or 0),
+                "r_factor_ratio": records[2]["r_factor"] / records[1]["r_factor"],
+                "max_object_difference": float(np.abs(objects[2] - objects[1]).max()) / scale,
+            },
+            args.json,
+        )
 
 
 def _compare(task: str, path: Path, m: int, args) -> None:

@@ -128,10 +128,16 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
     return summary
 
 
-def infer(config: InferConfig, run_dir: Path) -> dict:
+def infer(config: InferConfig, run_dir: Path, distribution: Distribution | None = None) -> dict:
     """Reconstruct a scan with a trained model and/or the physics refinement; write the
-    reconstruction and metrics into ``run_dir``."""
+    reconstruction and metrics into ``run_dir``.
+
+    ``distribution``: the process's (made at start-up by the entry point; None: from
+    ``config.distribute``). With several workers each reconstructs and refines its share
+    of the scan (:func:`ptycho.inference.reconstruct`, :class:`ptycho.refine.Refiner`)
+    and the chief writes the run."""
     check_infer(config)
+    distribution = distribution or make_distribution(config.distribute)
     run_dir = Path(run_dir)
     stages = resolve_compile(config.compile.mode, config.translate.backend)
     backend = config.translate.backend
@@ -143,16 +149,21 @@ def infer(config: InferConfig, run_dir: Path) -> dict:
     network = None
     if model is not None:
         try:
-            network = _evaluation(config, scorer, stages)(model)
+            network = _evaluation(config, scorer, stages, distribution=distribution)(model)
         except ScanMismatch as error:
             raise DataError(f"{config.data.path or 'data'}: {error}") from error
+    if not distribution.chief:  # the chief writes the run
+        refined = _refine(config, scorer, network, stages.refine, None, None, distribution)
+        log.info("worker %d: reconstruction done", distribution.worker)
+        return {"worker": distribution.worker, **_stage_metrics(network, refined)}
     with _writer(run_dir) as writer:  # the inputs are accepted
-        refined = _refine(config, scorer, network, stages.refine, writer, run_dir)
+        refined = _refine(config, scorer, network, stages.refine, writer, run_dir, distribution)
         summary = {
             **_stage_metrics(network, refined),
             "patterns": scan.n_positions,
             "seconds": time.perf_counter() - started,
             "checkpoint": config.checkpoint,
+            "workers": distribution.workers,
             **_run_summary(config, stages),
         }
         if network is not None:
@@ -195,6 +206,7 @@ def _evaluation(
     stages: CompileStages,
     writer=None,
     log_probe: bool = False,
+    distribution: Distribution | None = None,
 ) -> NetworkEvaluation:
     """How a run judges a network on its scan (``scorer.scan``); evaluations given a step
     are logged to ``writer``."""
@@ -208,6 +220,7 @@ def _evaluation(
         group_step=config.data.group_step,
         writer=writer,
         log_probe=log_probe,
+        distribution=distribution,
     )
 
 
@@ -298,7 +311,8 @@ def _refine(
     network: NetworkReconstruction | None,
     compile_mode: str,
     writer,
-    run_dir: Path,
+    run_dir: Path | None,
+    distribution: Distribution | None = None,
 ) -> RefineResult | None:
     if config.refine.mode == RefineMode.off:
         return None
@@ -309,7 +323,8 @@ def _refine(
         backend=config.translate.backend,
         compile_mode=compile_mode,
         writer=writer,
-        curves=run_dir / "refine.png",
+        curves=None if run_dir is None else run_dir / "refine.png",
+        distribution=distribution,
     )
 
 

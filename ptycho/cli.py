@@ -21,8 +21,8 @@ import tensorflow as tf
 
 from ptycho import app
 from ptycho.config import register_configs, renamed_key_hint, rollback_overrides, typed
-from ptycho.distribute import make_distribution
-from ptycho.errors import ConfigError, Interrupted
+from ptycho.distribute import lost_worker, make_distribution
+from ptycho.errors import ConfigError, Interrupted, WorkerLost
 from ptycho.quiet import native_notices_filtered
 
 __all__ = ["CONF", "initialise_devices", "main", "precheck", "run_job"]
@@ -67,8 +67,7 @@ def _job(cfg, name: str) -> None:
         config = typed(cfg)
         if name == "train":
             return app.train(config, run_dir, initialise_devices(config.distribute))
-        initialise_devices()
-        return app.infer(config, run_dir)
+        return app.infer(config, run_dir, initialise_devices(config.distribute))
 
     run_job(run, verbose=bool(cfg.verbose))
 
@@ -109,7 +108,8 @@ def run_job(function, *, verbose: bool = False):
             prefix="interrupted",
         )
     except Exception as error:  # noqa: BLE001 - reported as one line, code 1
-        _fail(error, RUNTIME_EXIT)
+        lost = lost_worker(error)
+        _fail(error if lost is None else WorkerLost(lost), RUNTIME_EXIT)
 
 
 def initialise_devices(options=None):

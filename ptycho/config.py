@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptycho.data.sources import DataOptions, DataSource
-from ptycho.distribute import DistributeOptions
+from ptycho.distribute import DistributeOptions, Strategy
 from ptycho.errors import ConfigError
 from ptycho.hardware import CompileOptions
 from ptycho.inference import ReconstructOptions
@@ -72,6 +72,7 @@ class RunConfig:
     metrics: MetricsOptions = field(default_factory=MetricsOptions)
     refine: RefineOptions = field(default_factory=RefineOptions)
     outputs: OutputOptions = field(default_factory=OutputOptions)
+    distribute: DistributeOptions = field(default_factory=DistributeOptions)
     verbose: bool = False
     """Debug logs and TensorFlow's native start-up notices."""
 
@@ -82,7 +83,6 @@ class TrainConfig(RunConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: FitOptions = field(default_factory=FitOptions)
-    distribute: DistributeOptions = field(default_factory=DistributeOptions)
     resume: bool = False
     """Continue the run in ``hydra.run.dir`` from its ``checkpoints/``."""
 
@@ -194,8 +194,14 @@ def check_train(config: TrainConfig) -> None:
 
 def check_infer(config: InferConfig) -> None:
     """Every check of an infer configuration that needs no data and no TensorFlow."""
-    _check_sections(config, ("data", "reconstruct", "refine", "outputs"))
+    _check_sections(config, ("data", "reconstruct", "refine", "distribute", "outputs"))
     _check_backend(config)
+    if config.distribute.strategy == Strategy.mirrored:
+        raise ConfigError(
+            "distribute=mirrored: infer.py runs on one device (distribute=none) or across "
+            "machines (distribute=multiworker), each worker reconstructing a share of the "
+            "scan"
+        )
     if not config.checkpoint and config.refine.mode == RefineMode.off:
         raise ConfigError(
             "checkpoint is required: infer.py checkpoint=outputs/<run>/model.keras, or "

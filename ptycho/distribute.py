@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from ptycho.errors import ConfigError, require
@@ -39,8 +42,14 @@ __all__ = [
     "configure_devices",
     "dataset_options",
     "fitting",
+    "lost_worker",
     "make_distribution",
 ]
+
+
+COLLECTIVE_TIMEOUT_S = 60.0
+"""A collective (gradient all-reduce, canvas sum, stop agreement) that a worker has not
+joined after this long fails on the others: a lost worker stops the run within it."""
 
 
 class Strategy(StrEnum):
@@ -96,6 +105,7 @@ class Distribution:
     worker: int = 0
     workers: int = 1
     _count: object = None  # compiled all-reduce of agree()
+    _sum: object = None  # compiled all-reduce of all_sum()
 
     @property
     def replicas(self) -> int:
@@ -128,6 +138,39 @@ class Distribution:
 
             self._count = count
         return bool(self._count(tf.constant(1.0 if flag else 0.0)) > 0)
+
+    def all_sum(self, values: list) -> list[np.ndarray]:
+        """The element-wise sums over the workers of ``values`` (arrays of any shapes,
+        the same on every worker), as NumPy arrays; the values themselves with one
+        worker. Every worker must call it at the same point (it is a collective)."""
+        if self.workers == 1:
+            return [np.asarray(value) for value in values]
+        if self._sum is None:
+            strategy = self.strategy
+
+            @tf.function(autograph=False)
+            def total(tensors):
+                local = strategy.run(lambda t: [tf.identity(x) for x in t], args=(tensors,))
+                return [
+                    strategy.reduce(tf.distribute.ReduceOp.SUM, part, axis=None) for part in local
+                ]
+
+            self._sum = total
+        tensors = [tf.convert_to_tensor(value) for value in values]
+        return [np.asarray(value) for value in self._sum(tensors)]
+
+    def all_gather(self, value) -> np.ndarray:
+        """(workers, ...) every worker's ``value`` (one shape on all), in worker order."""
+        value = np.asarray(value)
+        slots = np.zeros((self.workers, *value.shape), value.dtype)
+        slots[self.worker] = value
+        return self.all_sum([slots])[0]
+
+    def share(self, count: int) -> slice:
+        """This worker's contiguous share of ``count`` items (all of them with one
+        worker; shares differ by at most one item)."""
+        bounds = np.linspace(0, count, self.workers + 1).round().astype(int)
+        return slice(int(bounds[self.worker]), int(bounds[self.worker + 1]))
 
     def describe(self) -> str:
         if self.kind == Strategy.none:
@@ -165,7 +208,8 @@ def _mirrored_devices() -> list[str] | None:
 def _multiworker() -> Distribution:
     resolver = _cluster_resolver()
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO
+        implementation=tf.distribute.experimental.CommunicationImplementation.AUTO,
+        timeout_seconds=COLLECTIVE_TIMEOUT_S,
     )
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver, communication_options=options
@@ -190,6 +234,38 @@ def _cluster_resolver():
     raise ConfigError(
         "distribute=multiworker needs a cluster: set TF_CONFIG (one process per worker), "
         "or run inside a SLURM job (hydra/launcher=slurm)"
+    )
+
+
+_TASK = re.compile(r"/job:(worker|chief)/replica:\d+/task:(\d+)")
+_COLLECTIVE_FAILURE = ("Collective", "unhealthy", "heartbeat", "is down", "Deadline")
+
+
+def lost_worker(error: BaseException) -> str | None:
+    """One line for a collective that failed because a worker was lost (killed,
+    crashed, stopped with Ctrl-C, or silent for :data:`COLLECTIVE_TIMEOUT_S`), naming
+    it; None for any other error. TensorFlow's health check names the task that stopped
+    sending heartbeats ("/job:worker/replica:0/task:1"); its address comes from
+    ``TF_CONFIG``."""
+    if not isinstance(error, tf.errors.OpError):
+        return None
+    text = str(error)
+    if not any(word in text for word in _COLLECTIVE_FAILURE):
+        return None
+    tasks = sorted({(job, int(task)) for job, task in _TASK.findall(text)})
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    names = []
+    for job, task in tasks:
+        number = task + (1 if job == "worker" and "chief" in cluster else 0)
+        addresses = cluster.get(job, [])
+        where = f" ({addresses[task]})" if task < len(addresses) else ""
+        names.append(f"worker {number}{where}")
+    lost = " and ".join(names) if names else "a worker"
+    return (
+        f"{lost} stopped answering the other workers (killed, crashed, interrupted or "
+        f"silent for {COLLECTIVE_TIMEOUT_S:.0f} s); this worker stopped too and the run "
+        "wrote no results. Start every worker again (training: the same command with "
+        "resume=true continues from the last checkpoint)"
     )
 
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum
 
-__all__ = ["ConfigError", "DataError", "Interrupted", "TrainingDiverged", "choice", "require"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "Interrupted",
+    "TrainingDiverged",
+    "WorkerLost",
+    "choice",
+    "require",
+]
 
 
 class ConfigError(ValueError):
@@ -19,6 +27,11 @@ class DataError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite (exit 1); the last good checkpoint is kept."""
+
+
+class WorkerLost(RuntimeError):
+    """Another worker of a multi-worker run stopped answering (exit 1); the message names
+    it (:func:`ptycho.distribute.lost_worker`)."""
 
 
 class Interrupted(Exception):

@@ -117,6 +117,7 @@ def reconstruct(
     shape: tuple[int, int] | None = None,
     predict_fn=None,
     overlap: bool | None = None,
+    distribution=None,
 ) -> Reconstruction:
     """Reconstruct the object of ``scan`` with a trained (training) model.
 
@@ -163,6 +164,11 @@ def reconstruct(
         Default: with a GPU, which then computes while the host adds windows; on a CPU
         the network already keeps every core busy (measured no faster:
         ``benchmarks/infer.py``, docs/benchmarks.md).
+    distribution : ptycho.distribute.Distribution, optional
+        Several workers (``distribute=multiworker``): each predicts and stitches its
+        consecutive share of the groups, then the canvases are added on every worker
+        (:meth:`Stitcher.combine`) and the sums of the scores too. Every worker calls
+        this with the same arguments.
 
     Returns
     -------
@@ -206,11 +212,12 @@ def reconstruct(
         predict_fn = make_predict_fn(model, compile_mode)
     finish = _batch_outputs(backend, scan.background is not None)
     background = tf.constant(0.0 if scan.background is None else scan.background[..., None])
-    shown = sorted({0, len(chosen) // 2, len(chosen) - 1})
+    share = slice(0, len(chosen)) if distribution is None else distribution.share(len(chosen))
+    shown = sorted({share.start, (share.start + share.stop) // 2, max(share.stop - 1, 0)})
 
     def predict(first: int):
         """Everything of one batch but the canvases (on the worker thread when overlapped)."""
-        index = chosen[first : first + batch_size]
+        index = chosen[first : min(first + batch_size, share.stop)]
         size = len(index)
         amplitudes = np.zeros((batch_size, n, n, c), np.float32)
         amplitudes[:size] = np.moveaxis(scan.signal(index), 1, -1)
@@ -228,7 +235,7 @@ def reconstruct(
         measured = tf.convert_to_tensor(measured)
         if c > 1:
             shifts = np.zeros((batch_size, c, 2), np.float32)
-            shifts[:size] = offsets[first : first + batch_size]
+            shifts[:size] = offsets[first : first + size]
             inputs["offsets"] = tf.constant(shifts)
         outputs = predict_fn(inputs)
         where = np.zeros((batch_size * c, 2), np.float32)
@@ -259,12 +266,15 @@ def reconstruct(
         overlap = has_gpu()
     totals = np.zeros(4)
     pairs = []
-    batches = range(0, len(chosen), batch_size)
+    batches = range(share.start, share.stop, batch_size)
     for first, count, windows, sums, shown_pairs in _pipelined(predict, batches, overlap):
         totals += sums.sum(axis=0, dtype=np.float64)
         pairs += shown_pairs
         patches = slice(first * c, first * c + count)
         stitcher.accumulate(windows, row0[patches], col0[patches], group_size=c)
+    if distribution is not None and distribution.workers > 1:
+        stitcher.combine(distribution)
+        (totals,) = distribution.all_sum([totals])
     obj, mask = stitcher.result()
     abs_error, measured_sum, nll_sum, counted = totals
     return NetworkReconstruction(

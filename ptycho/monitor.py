@@ -79,6 +79,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         history: list | None = None,
         stream=None,
         agree=None,
+        agree_every_step: bool = False,
     ):
         super().__init__()
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -93,6 +94,8 @@ class TrainingMonitor(keras.callbacks.Callback):
         # Workers of a multi-worker run must stop at the same epoch: a stop decided on
         # one (its clock) is made common (Distribution.agree); one process: as is.
         self.agree = agree or (lambda flag: flag)
+        # ... and a Ctrl-C on one worker stops every worker after the same step.
+        self.agree_every_step = agree_every_step
         self.nan_at: tuple[int, int] | None = None
         self.stop_requested = False
         self.cut_short = False  # the stop came in the middle of an epoch
@@ -137,6 +140,9 @@ class TrainingMonitor(keras.callbacks.Callback):
             self.nan_at = (self._epoch + 1, batch + 1)
             self.model.stop_training = True
             return
+        if self.agree_every_step and self.agree(self.stop_requested) and not self.stop_requested:
+            log.warning("another worker was interrupted: stopping after this step")
+            self.stop_requested = True
         if self.stop_requested:
             self.cut_short = batch + 1 < self.params.get("steps", batch + 1)
             self.model.stop_training = True

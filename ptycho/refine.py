@@ -297,16 +297,16 @@ def _squared_fft_order(amplitudes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _read_ahead(windows, read):
-    """``(window, read(sorted window))`` of each window, the next one read on a thread
-    while the caller works on this one (``(window, None)`` when ``read`` is None)."""
-    if read is None:
-        yield from ((window, None) for window in windows)
+def _read_ahead(windows, read, *, threaded: bool):
+    """``(window, read(window))`` of each window; ``threaded``: the next one read on a
+    thread while the caller works on this one."""
+    if not threaded:
+        yield from ((window, read(window)) for window in windows)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptycho-read") as reader:
         pending = None
         for window in windows:
-            following = (window, reader.submit(read, np.sort(window)))
+            following = (window, reader.submit(read, window))
             if pending is not None:
                 yield pending[0], pending[1].result()
             pending = following
@@ -335,6 +335,13 @@ class Refiner:
     backend : {"xla", "legacy"}
         Warp of the patch extraction; positions need ``"xla"``.
     compile_mode : {"jit", "graph", "eager"}
+    distribution : ptycho.distribute.Distribution, optional
+        Several workers (``distribute=multiworker``): every step, each worker takes its
+        ``batch_size`` of the global minibatch of ``batch_size x workers`` positions,
+        and the gradients of the object and probe (with their preconditioners and the
+        loss) are summed over the workers, which then apply the same update: K workers
+        take K times fewer steps per iteration. Each worker moves the positions of its
+        own minibatches; they are exchanged after every iteration.
     """
 
     def __init__(
@@ -346,10 +353,15 @@ class Refiner:
         shape: tuple[int, int] | None = None,
         backend: str = "xla",
         compile_mode: str = "jit",
+        distribution=None,
     ):
         options.check()
         if options.mode == RefineMode.off:
             raise ValueError("mode=off: nothing to refine")
+        self.distribution = distribution
+        self.workers = 1 if distribution is None else distribution.workers
+        self.worker = 0 if distribution is None else distribution.worker
+        self._moved = None  # positions this worker moved in the iteration (several workers)
         options.check_backend(backend)
         if options.subpixel == Subpixel.bilinear:
             check_compilable(backend, compile_mode)
@@ -439,8 +451,13 @@ class Refiner:
                 per_pattern,
             )
         self._saturated = saturated if options.loss == RefineLoss.poisson else 0.0
-        self._step = compiled(self._step_impl, compile_mode)
         self._forward = compiled(self._forward_impl, compile_mode)
+        if self.workers == 1:
+            self._step = compiled(self._step_impl, compile_mode)
+        else:  # the local terms and the update compiled; the sum between them is not
+            self._local = compiled(self._local_impl, compile_mode)
+            self._apply = compiled(self._apply_impl, compile_mode)
+            self._step = self._distributed_step
         self._fit_probe_scale()
 
     @staticmethod
@@ -605,6 +622,13 @@ class Refiner:
     def _step_impl(self, index, counts, weight, object_step, position_step, probe_step):
         """One minibatch update of every variable being refined (steps 0 leave one
         alone); returns the minibatch's loss."""
+        shared, gradient = self._local_impl(index, counts, weight)
+        return self._apply_impl(index, shared, gradient, object_step, position_step, probe_step)
+
+    def _local_impl(self, index, counts, weight):
+        """What one worker's minibatch gives the update: ``(loss, canvas gradient,
+        illumination, probe gradient, object power)``, which the workers add up, and the
+        gradient of its own positions."""
         options = self.options
         size = tf.shape(index)[0]
         wrt = (
@@ -615,21 +639,33 @@ class Refiner:
         loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(
             index, wrt=wrt, measured=(counts, weight)
         )
-        canvas = tf.convert_to_tensor(self.canvas)
-
-        # Object: preconditioned by the minibatch's illumination sum_k |P_k|^2 (the
-        # modes unshifted: the remainders move them by half a pixel at most).
-        weight = tf.reduce_sum(self.probe**2, axis=(0, 3))
+        # The minibatch's illumination sum_k |P_k|^2 (the modes unshifted: the
+        # remainders move them by half a pixel at most), the object's preconditioner.
+        intensity = tf.reduce_sum(self.probe**2, axis=(0, 3))
         if options.subpixel == Subpixel.bilinear:  # the (N + 1) x (N + 1) window
-            weight = tf.pad(weight, [[0, 1], [0, 1]])
-        span = tf.shape(weight)[0]
+            intensity = tf.pad(intensity, [[0, 1], [0, 1]])
+        span = tf.shape(intensity)[0]
         illumination = tf.tensor_scatter_nd_add(
-            tf.zeros(tf.shape(canvas)[:2]), indices, tf.broadcast_to(weight, (size, span, span))
+            tf.zeros(tf.shape(self.canvas)[:2]),
+            indices,
+            tf.broadcast_to(intensity, (size, span, span)),
         )
-        denominator = 4.0 * (illumination + options.regularisation * tf.reduce_max(weight))
+        # The minibatch's object intensity, the probe's preconditioner.
+        object_power = tf.reduce_sum(tf.math.real(patches) ** 2 + tf.math.imag(patches) ** 2, 0)
+        return (loss, grad_canvas, illumination, grad_probe, object_power), gradient
+
+    def _apply_impl(self, index, shared, gradient, object_step, position_step, probe_step):
+        """The update of the (global) minibatch from the workers' summed ``shared``
+        terms and this worker's positions' ``gradient``; returns the loss."""
+        options = self.options
+        loss, grad_canvas, illumination, grad_probe, object_power = shared
+        size = tf.cast(tf.shape(index)[0] * self.workers, tf.float32)  # the global minibatch
+        intensity = tf.reduce_sum(self.probe**2, axis=(0, 3))
+
+        # Object: the gradient preconditioned by the minibatch's illumination.
+        denominator = 4.0 * (illumination + options.regularisation * tf.reduce_max(intensity))
         if options.smoothness:  # the prior's curvature: 2 x 4 neighbours per pixel
-            share = tf.cast(size, tf.float32) / self.scan.n_positions
-            denominator += 8.0 * options.smoothness * share
+            denominator += 8.0 * options.smoothness * size / self.scan.n_positions
         update = object_step * grad_canvas / denominator[..., None]
         self.velocity.assign(options.momentum * self.velocity + update)
         self.canvas.assign_sub(self.velocity)
@@ -642,42 +678,83 @@ class Refiner:
         move = -position_step * gradient / (tf.sqrt(rms)[:, None] + 1e-12)
         move = tf.clip_by_value(move, -options.max_position_step, options.max_position_step)
         self.correction.scatter_nd_add(index[:, None], move)
-        correction = self.correction - tf.reduce_mean(self.correction, axis=0, keepdims=True)
-        limit = options.max_position_correction
-        self.correction.assign(tf.clip_by_value(correction, -limit, limit))
+        self._centre_corrections()
 
         # Probe: preconditioned by the minibatch's object intensity.
-        object_power = tf.reduce_sum(tf.math.real(patches) ** 2 + tf.math.imag(patches) ** 2, 0)
-        mean_power = tf.reduce_max(object_power) / tf.cast(size, tf.float32)
+        mean_power = tf.reduce_max(object_power) / size
         probe_denominator = 4.0 * (object_power + options.regularisation * mean_power)
         self.probe.assign_sub(probe_step * grad_probe / probe_denominator[None, ..., None])
         return loss
+
+    def _centre_corrections(self):
+        """Hold the corrections' mean at zero and each within ``max_position_correction``."""
+        correction = self.correction - tf.reduce_mean(self.correction, axis=0, keepdims=True)
+        limit = self.options.max_position_correction
+        self.correction.assign(tf.clip_by_value(correction, -limit, limit))
+
+    def _distributed_step(self, index, counts, weight, *steps):
+        """:meth:`_step_impl` across workers: the local terms, summed over the workers,
+        then the same update on every worker."""
+        shared, gradient = self._local(index, counts, weight)
+        shared = self.distribution.all_sum(list(shared))
+        return self._apply(index, tuple(shared), gradient, *steps)
+
+    def _sync_positions(self, start: np.ndarray, rms: np.ndarray, moved: np.ndarray) -> None:
+        """After an iteration on several workers: each position's correction (and step
+        statistics) from the worker(s) that moved it, then centred and bounded."""
+        mine = moved[:, None].astype(np.float32)
+        delta = (self.correction.numpy() - start) * mine
+        count, delta, own_rms = self.distribution.all_sum(
+            [moved.astype(np.float32), delta, self.position_rms.numpy() * moved]
+        )
+        self.correction.assign(start + delta / np.maximum(count, 1)[:, None])
+        self.position_rms.assign(np.where(count > 0, own_rms / np.maximum(count, 1), rms))
+        self._centre_corrections()
 
     # ----------------------------------------------------------------------------------
     # Driving the steps
     # ----------------------------------------------------------------------------------
 
     def _minibatches(self, windows):
-        """``(index, counts, weight, size)`` of fixed-size minibatches over each window of
-        positions in turn; a window's last minibatch is topped up from its start (every
-        step has one shape and compiles once), ``size`` saying how many rows are its own.
-        A streamed scan's window is read from the file at once (its positions are read
-        in a few contiguous runs: :func:`ptycho.data.stream.shuffled_windows`)."""
-        size = self.batch_size
-        for window, data in _read_ahead(windows, None if self.counts is not None else self._read):
-            rank = None if data is None else np.argsort(np.argsort(window))
-            for first in range(0, len(window), size):
-                take = np.arange(first, first + size) % len(window)
-                index = tf.constant(window[take].astype(np.int32))
-                if data is None:
-                    counts, weight = self.measured(index)
+        """``(index, counts, weight, size)`` of this worker's fixed-size minibatches over
+        each window of positions in turn. A window is cut into global steps of
+        ``batch_size x workers`` positions, worker k taking the k-th ``batch_size`` of
+        each; the last step is topped up from the window's start (every step has one
+        shape and compiles once), ``size`` saying how many rows are new. A streamed
+        scan's window is read from the file at once, the next one while this one is
+        used (its positions are read in a few contiguous runs:
+        :func:`ptycho.data.stream.shuffled_windows`)."""
+        streamed = self.counts is None
+        for window, (takes, rows, data) in _read_ahead(windows, self._plan, threaded=streamed):
+            for take, size in takes:
+                index = window[take]
+                if self._moved is not None:  # top-up rows too: this worker moved them
+                    self._moved[index] = True
+                batch = tf.constant(index.astype(np.int32))
+                if not streamed:
+                    counts, weight = self.measured(batch)
                 else:
-                    rows = tf.constant(rank[take])
-                    counts, weight = data
-                    counts = tf.gather(counts, rows)
+                    local = tf.constant(np.searchsorted(rows, index))
+                    counts, weight = tf.gather(data[0], local), data[1]
                     if weight is not None and weight.shape.rank == 3:
-                        weight = tf.gather(weight, rows)
-                yield index, counts, weight, min(size, len(window) - first)
+                        weight = tf.gather(weight, local)
+                yield batch, counts, weight, size
+
+    def _plan(self, window: np.ndarray):
+        """``(takes, rows, data)`` of a window: this worker's minibatches as (indices into
+        the window, rows that are new), the sorted positions they use, and their
+        (counts, weight) read from the file for a streamed scan (else None)."""
+        size, workers, length = self.batch_size, self.workers, len(window)
+        takes = []
+        for step in range(math.ceil(length / (size * workers))):
+            first = (step * workers + self.worker) * size
+            takes.append(
+                (np.arange(first, first + size) % length, max(0, min(size, length - first)))
+            )
+        if self.counts is not None:
+            return takes, None, None
+        rows = np.unique(window[np.concatenate([take for take, _ in takes])])
+        return takes, rows, self._read(rows)
 
     def _windows_of(self, order: np.ndarray | None = None):
         """Windows of positions: ``order`` whole when the counts are in memory (None:
@@ -692,12 +769,13 @@ class Refiner:
         return shuffled_windows(m, window, order)
 
     def totals(self) -> np.ndarray:
-        """Sums over every position: loss, Poisson NLL, |sqrt(I) - a|, a, I, counts."""
+        """Sums over every position: loss, Poisson NLL, |sqrt(I) - a|, a, I, counts
+        (each worker sums its share; the shares added up)."""
         out = np.zeros(6)
         for index, counts, weight, size in self._minibatches(self._windows_of()):
             sums = self._forward(index, counts, weight).numpy()[:size]
             out += sums.astype(np.float64).sum(0)
-        return out
+        return self.distribution.all_sum([out])[0] if self.workers > 1 else out
 
     def _fit_probe_scale(self) -> None:
         """Scale the probe so the starting object predicts the measured total counts."""
@@ -765,8 +843,15 @@ class Refiner:
                 probe_step = _cosine(options.probe_step, options.final_step, fraction)
             steps = (tf.constant(object_step), tf.constant(position_step), tf.constant(probe_step))
             loss = 0.0
+            synced = self.workers > 1 and options.refines_positions
+            if synced:
+                start = (self.correction.numpy(), self.position_rms.numpy())
+                self._moved = np.zeros(self.scan.n_positions, bool)
             for index, counts, weight, _ in self._minibatches(self._windows_of(rng)):
                 loss = self._step(index, counts, weight, *steps)
+            if synced:
+                self._sync_positions(*start, self._moved)
+                self._moved = None
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(
                     f"the refinement diverged at iteration {iteration + 1} (loss {float(loss)}); "

@@ -334,6 +334,24 @@ class Stitcher:
                 overlap += np.vdot(values[j][part], self._numerator[where])
         return overlap / abs(overlap) if abs(overlap) > 0 else None
 
+    def combine(self, distribution) -> None:
+        """Make the sums every worker's (``distribution``: :class:`ptycho.distribute.
+        Distribution`, each worker having stitched its consecutive share of the groups):
+        the workers' canvases added in worker order, each aligned as one group to those
+        before it with ``align_phase``. A collective: every worker calls it."""
+        if distribution is None or distribution.workers == 1:
+            return
+        local = np.stack([self._numerator.real, self._numerator.imag, self._denominator])
+        parts = distribution.all_gather(local.astype(np.float32))
+        numerator = (parts[0, 0] + 1j * parts[0, 1]).astype(np.complex64)
+        for part in parts[1:]:
+            values = (part[0] + 1j * part[1]).astype(np.complex64)
+            overlap = np.vdot(values, numerator) if self.align_phase else 0j
+            rotation = overlap / abs(overlap) if abs(overlap) > 0 else 1.0
+            numerator += (rotation * values).astype(np.complex64)
+        self._numerator = numerator
+        self._denominator = parts[:, 2].sum(axis=0, dtype=np.float32)
+
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """``(object, mask)``: (H, W) complex64 and bool (covered pixels)."""
         mask = self._denominator > self.threshold

@@ -43,6 +43,8 @@ class NetworkEvaluation:
         Where evaluations with a ``step`` are logged.
     log_probe : bool
         Also log the model's probe (when it is trained).
+    distribution : ptycho.distribute.Distribution, optional
+        Workers sharing each reconstruction (infer.py ``distribute=multiworker``).
     """
 
     def __init__(
@@ -57,11 +59,13 @@ class NetworkEvaluation:
         group_step: float | None = None,
         writer=None,
         log_probe: bool = False,
+        distribution=None,
     ):
         self.scan, self.options, self.scorer = scan, options, scorer
         self.compile_mode, self.backend, self.grouping = compile_mode, backend, grouping
         self.group_step = group_step
         self.writer, self.log_probe = writer, log_probe
+        self.distribution = distribution
         self._predict = None  # (model, compiled predict function), reused across calls
         self._truth_logged = False
 
@@ -83,6 +87,7 @@ class NetworkEvaluation:
             groups=self.options.groups,
             align_phase=self.options.align_phase,
             predict_fn=self._predict[1],
+            distribution=self.distribution,
         )
         self.scorer.score(result)
         if self.writer is not None and step is not None:

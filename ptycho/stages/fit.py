@@ -218,6 +218,7 @@ def fit(
         eval_minutes=tuple(options.eval_minutes),
         history=resumed.history if resumed else None,
         agree=distribution.agree,
+        agree_every_step=distribution.workers > 1,
     )
     log.info(
         "training %s: %d samples of %d x %d x %d, %d steps/epoch; %s",

@@ -36,6 +36,7 @@ def run(
     curves: Path | None = None,
     stream=None,
     tag: str = "refine",
+    distribution=None,
 ) -> RefineResult:
     """Refine ``scorer.scan`` from ``start`` (None: a flat object; the amplitude of
     ``start`` with a flat phase unless ``options.network_phase``).
@@ -45,7 +46,8 @@ def run(
     PNG of the progress records. The result's ``metrics`` are the last progress
     point's: R-factor, Poisson NLL, ground truth (when known) and the position error
     (when the true positions are known). A diverged refinement raises
-    :class:`TrainingDiverged`.
+    :class:`TrainingDiverged`. ``distribution``: workers sharing every step
+    (:class:`ptycho.refine.Refiner`).
     """
     scan = scorer.scan
     initial, described = _start(start, options)
@@ -58,6 +60,7 @@ def run(
         initial=initial,
         backend=backend,
         compile_mode=compile_mode,
+        distribution=distribution,
     )
     progress = Progress(options.iterations, f"refine={options.mode}", stream=stream)
 

@@ -35,6 +35,12 @@ one scan of M patterns by 1 and by 2 worker processes on localhost
 batch per worker (2 workers: a global minibatch twice as large, half the steps), and
 reports time and quality against the simulated object (amplitude SSIM, R-factor), and
 the largest difference of the two objects.
+
+``--entry-points M`` runs the applications themselves on a scan of M patterns, each in
+a fresh process whose peak resident memory is read when it ends: ``train.py`` (one
+epoch of ``data.n_groups=3200`` groups drawn from the whole scan, scored on a small
+test scan), ``infer.py`` with that model (``reconstruct.groups=tile``), and ``infer.py
+refine=object refine.iterations=1``; ``--scan PATH`` reuses a scan file.
 """
 
 from __future__ import annotations
@@ -282,6 +288,65 @@ def run_workers(task: str, path: Path, count: int, iterations: int, folder: Path
     return record
 
 
+ENTRY_POINTS = {
+    "train.py": [
+        "train.py",
+        "data=npz",
+        "data.n_groups=3200",
+        "train.epochs=1",
+        "train.max_minutes=null",
+        "reconstruct.groups=tile",
+    ],
+    "infer.py": ["infer.py", "data=npz", "reconstruct.groups=tile"],
+    "infer.py refine=object": [
+        "infer.py",
+        "data=npz",
+        "refine=object",
+        "refine.iterations=1",
+    ],
+}
+MEASURE = """
+import resource, subprocess, sys, time
+begin = time.perf_counter()
+code = subprocess.call(sys.argv[1:])
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(f"{code} {time.perf_counter() - begin} {peak}")
+"""
+
+
+def _entry_points(path: Path, m: int, args, folder: Path) -> None:
+    test = folder / "test.h5"
+    write_scan(test, 1600, args.n, args.step, seed=1)
+    model = folder / "runs" / "train" / "model.keras"
+    for name, command in ENTRY_POINTS.items():
+        run_dir = folder / "runs" / ("refine" if "refine" in name else name.split(".")[0])
+        extra = [f"data.path={path}", f"hydra.run.dir={run_dir}"]
+        if name == "train.py":
+            extra.append(f"data.test_path={test}")
+        elif "refine" not in name:
+            extra.append(f"checkpoint={model}")
+        result = subprocess.run(
+            [sys.executable, "-c", MEASURE, sys.executable, *command, *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        code, seconds, peak = result.stdout.split()[-3:]
+        if int(code) != 0:
+            raise RuntimeError(f"{name} on {path} failed:\n{result.stderr[-3000:]}")
+        emit(
+            {
+                "kind": "entry",
+                "command": name,
+                "patterns": m,
+                "seconds": float(seconds),
+                "peak_rss_mb": float(peak),
+            },
+            args.json,
+        )
+
+
 def run_child(task: str, path: Path, stream: bool, steps: int) -> dict:
     result = subprocess.run(
         [sys.executable, __file__, "--child", task, str(path), str(int(stream)), str(steps)],
@@ -350,6 +415,8 @@ def main(argv=None) -> int:
     parser.add_argument("--folder", type=Path, help="where the scans go (default: a temp folder)")
     parser.add_argument("--plot", type=Path, help="plot a results file (.jsonl) to .png")
     parser.add_argument("--workers", type=int, help="1 vs 2 local workers at this size")
+    parser.add_argument("--entry-points", type=int, help="train.py, infer.py at this size")
+    parser.add_argument("--scan", type=Path, help="an existing scan file (--entry-points)")
     parser.add_argument("--iterations", type=int, default=10, help="refinement (--workers)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--worker-child", nargs=4, help=argparse.SUPPRESS)
@@ -366,8 +433,12 @@ def main(argv=None) -> int:
         plot(args.plot, args.plot.with_suffix(".png"))
         return 0
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        sizes = [args.compare or args.workers] if args.compare or args.workers else args.patterns
+        single = args.compare or args.workers or args.entry_points
+        sizes = [single] if single else args.patterns
         for m in sizes:
+            if args.scan:
+                _entry_points(args.scan, m, args, Path(folder))
+                break
             path = Path(folder) / f"scan_{m}.h5"
             begin = time.perf_counter()
             write_scan(path, m, args.n, args.step)
@@ -382,8 +453,11 @@ def main(argv=None) -> int:
                 },
                 args.json,
             )
-            if args.workers:
-                _workers(path, args, Path(folder))
+            if args.workers or args.entry_points:
+                if args.workers:
+                    _workers(path, args, Path(folder))
+                else:
+                    _entry_points(path, m, args, Path(folder))
                 path.unlink()
                 continue
             for task in args.tasks:

@@ -283,14 +283,14 @@ class Scan:
         return dataclasses.replace(self, **changes)
 
     def subset(self, indices) -> Scan:
-        """A Scan of the patterns ``indices`` (same probe and object)."""
+        """A Scan of the patterns ``indices`` (same probe and object), in memory."""
         indices = np.asarray(indices)
         return self.replace(
             diffraction=self.diffraction[indices],
             xcoords=self.xcoords[indices],
             ycoords=self.ycoords[indices],
             scan_index=self.scan_index[indices],
-            valid=self.valid if self.valid is None or self.valid.ndim == 2 else self.valid[indices],
+            valid=self.valid_pixels(indices) if self.masks_per_pattern else self.valid,
         )
 
     def __repr__(self) -> str:

@@ -109,6 +109,8 @@ def test_every_preparation_step_streams_as_it_prepares_in_memory(scan, tmp_path)
         np.testing.assert_array_equal(streamed.diffraction[index], memory.diffraction)
         np.testing.assert_array_equal(streamed.valid_pixels(index), memory.valid)
         np.testing.assert_array_equal(streamed.signal(index), memory.signal(index))
+        part = np.array([9, 4, 6])
+        np.testing.assert_array_equal(streamed.subset(part).valid, memory.subset(part).valid)
         if background_mode == "model":
             np.testing.assert_array_equal(streamed.background, memory.background)
         else:

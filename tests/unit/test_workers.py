@@ -114,3 +114,25 @@ def test_two_workers_reconstruct_as_one(scan, align):
         aligned = first.obj * rotation / abs(rotation)
         error = np.abs(aligned - expected.obj)[expected.mask]
         assert np.median(error) < 5e-3 * scale
+
+
+def test_a_lost_worker_is_named_with_its_address(monkeypatch):
+    import json
+
+    import tensorflow as tf
+
+    from ptycho.distribute import lost_worker
+
+    cluster = {"worker": ["host0:2222", "host1:2222", "host2:2222"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"index": 0}}))
+    error = tf.errors.UnavailableError(
+        None,
+        None,
+        "Collective ops is aborted by: The following tasks are unhealthy (stopped sending "
+        "heartbeats):\n/job:worker/replica:0/task:2\nThe tasks have crashed.",
+    )
+    message = lost_worker(error)
+    assert message.startswith("worker 2 (host2:2222) stopped answering")
+    assert "\n" not in message and "resume=true" in message
+    assert lost_worker(ValueError("Collective")) is None  # not TensorFlow's
+    assert lost_worker(tf.errors.InvalidArgumentError(None, None, "bad shape")) is None

@@ -41,6 +41,11 @@ a fresh process whose peak resident memory is read when it ends: ``train.py`` (o
 epoch of ``data.n_groups=3200`` groups drawn from the whole scan, scored on a small
 test scan), ``infer.py`` with that model (``reconstruct.groups=tile``), and ``infer.py
 refine=object refine.iterations=1``; ``--scan PATH`` reuses a scan file.
+
+``--quality EPOCHS`` trains the default run's network on the default simulated scans
+written to HDF5, read in memory and streamed (``data.stream=false|true``), for EPOCHS
+epochs each, and reports the test reconstruction's quality: the streamed batches' order
+(shuffled windows of neighbouring groups) against a full permutation per epoch.
 """
 
 from __future__ import annotations
@@ -347,6 +352,56 @@ def _entry_points(path: Path, m: int, args, folder: Path) -> None:
         )
 
 
+def _quality(epochs: int, args, folder: Path) -> None:
+    from ptycho.data import load_scans, save_scan
+    from ptycho.data.sources import DataOptions
+
+    scans = load_scans(DataOptions())
+    paths = [
+        save_scan(scan, folder / f"{name}.h5")
+        for name, scan in (("train", scans.train), ("test", scans.test))
+    ]
+    for stream in ("false", "true"):
+        run_dir = folder / f"quality_{stream}"
+        command = [
+            sys.executable,
+            "train.py",
+            "data=npz",
+            f"data.path={paths[0]}",
+            f"data.test_path={paths[1]}",
+            f"data.stream={stream}",
+            f"train.epochs={epochs}",
+            "train.max_minutes=null",
+            f"hydra.run.dir={run_dir}",
+        ]
+        begin = time.perf_counter()
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"train.py data.stream={stream} failed:\n{result.stderr[-3000:]}")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        emit(
+            {
+                "kind": "quality",
+                "stream": stream == "true",
+                "epochs": metrics["epochs"],
+                "steps": metrics.get("steps"),
+                "wall_s": time.perf_counter() - begin,
+                **{
+                    key: metrics.get(key)
+                    for key in (
+                        "samples_per_s",
+                        "r_factor",
+                        "amp_ssim",
+                        "phase_ssim",
+                        "amp_psnr",
+                        "phase_rmse",
+                    )
+                },
+            },
+            args.json,
+        )
+
+
 def run_child(task: str, path: Path, stream: bool, steps: int) -> dict:
     result = subprocess.run(
         [sys.executable, __file__, "--child", task, str(path), str(int(stream)), str(steps)],
@@ -417,6 +472,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, help="1 vs 2 local workers at this size")
     parser.add_argument("--entry-points", type=int, help="train.py, infer.py at this size")
     parser.add_argument("--scan", type=Path, help="an existing scan file (--entry-points)")
+    parser.add_argument("--quality", type=int, help="default run in memory vs streamed, epochs")
     parser.add_argument("--iterations", type=int, default=10, help="refinement (--workers)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--worker-child", nargs=4, help=argparse.SUPPRESS)
@@ -433,6 +489,9 @@ def main(argv=None) -> int:
         plot(args.plot, args.plot.with_suffix(".png"))
         return 0
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
+        if args.quality:
+            _quality(args.quality, args, Path(folder))
+            return 0
         single = args.compare or args.workers or args.entry_points
         sizes = [single] if single else args.patterns
         for m in sizes:

@@ -1,5 +1,6 @@
 """Benchmark results (``--json`` lines) as Markdown tables, and the tables of
-docs/benchmarks.md, docs/measured-data.md and README.md rebuilt from them.
+docs/benchmarks.md, docs/measured-data.md, docs/large-scans.md and README.md rebuilt
+from them.
 
     python benchmarks/table.py benchmarks/results/warp_cpu.jsonl --pivot   # one file
     python benchmarks/table.py --docs            # rewrite the tables in those documents
@@ -24,7 +25,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "measured-data.md", ROOT / "README.md")
+DOCS = (
+    ROOT / "docs" / "benchmarks.md",
+    ROOT / "docs" / "measured-data.md",
+    ROOT / "docs" / "large-scans.md",
+    ROOT / "README.md",
+)
 RATE_FIELDS = ("images_per_s", "samples_per_s", "patterns_per_s")
 MARKER = re.compile(r"^<!-- table (?P<spec>.+?) -->$")
 END = "<!-- end table -->"

@@ -53,9 +53,11 @@ class TrainingMonitor(keras.callbacks.Callback):
 
     Per step: the loss (every ``log_every_steps``), a NaN check that stops training at
     once, and a stop requested by :meth:`request_stop` (Ctrl-C, see
-    :func:`stop_on_interrupt`): training ends after the current step, and an epoch cut
-    short is neither checkpointed nor counted. Per epoch: loss, learning rate and
-    samples/s to TensorBoard and the log; a checkpoint (:func:`ptycho.checkpoints.save`);
+    :func:`stop_on_interrupt`): training ends after the current step (on every worker of
+    a multi-worker run, ``agree_every_step``: a stop on one is agreed after each step),
+    and an epoch cut short is neither checkpointed nor counted. Per epoch: loss,
+    learning rate and samples/s to TensorBoard and the log; a checkpoint
+    (:func:`ptycho.checkpoints.save`);
     every ``eval_every`` epochs, and after the epoch that crosses each of ``eval_minutes``
     (wall minutes since training began: quality against time), ``evaluate(model, step)``
     (which reconstructs, scores and logs the test scan, and returns the reconstruction).

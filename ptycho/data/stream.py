@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Patterns", "shuffled_windows", "window_items"]
+__all__ = ["Patterns", "Source", "shuffled_windows", "window_items"]
 
 WINDOW_BYTES = 2**25
 """Patterns per streamed window, in bytes of float32 (32 MB): the working set of a

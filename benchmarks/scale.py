@@ -24,7 +24,7 @@ resident memory (VmHWM, the whole process: Python, TensorFlow, the model):
     untrained network of the default size: the cost does not depend on the weights).
 ``refine``
     ``refine=object``: setup (the probe's count scale), one iteration and the final
-    evaluation pass.
+    evaluation pass (``--refine-batch``: ``refine.batch_size``, default 64).
 
 ``--compare M`` runs each task on one scan of M patterns with the patterns in memory
 and streamed, alternately, ``--repeats`` times, and reports the median ratio.
@@ -138,7 +138,7 @@ def write_scan(path: Path, m: int, n: int, step: float, seed: int = 0) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def child(task: str, path: str, stream: bool, steps: int) -> dict:
+def child(task: str, path: str, stream: bool, steps: int, refine_batch: int) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
@@ -166,9 +166,11 @@ def child(task: str, path: str, stream: bool, steps: int) -> dict:
         from ptycho.refine import RefineOptions, Refiner
 
         begin = time.perf_counter()
-        options = RefineOptions(mode="object", iterations=1, eval_every=1)
+        options = RefineOptions(mode="object", iterations=1, eval_every=1, batch_size=refine_batch)
         result = Refiner(scan, options).run()
-        record.update(seconds=time.perf_counter() - begin, r_factor=result.r_factor)
+        record.update(
+            seconds=time.perf_counter() - begin, r_factor=result.r_factor, batch_size=refine_batch
+        )
     record["peak_rss_mb"] = peak_mb()
     return record
 
@@ -372,6 +374,7 @@ def _quality(epochs: int, args, folder: Path) -> None:
             f"data.stream={stream}",
             f"train.epochs={epochs}",
             "train.max_minutes=null",
+            f"train.seed={args.seed}",
             f"hydra.run.dir={run_dir}",
         ]
         begin = time.perf_counter()
@@ -383,6 +386,7 @@ def _quality(epochs: int, args, folder: Path) -> None:
             {
                 "kind": "quality",
                 "stream": stream == "true",
+                "seed": args.seed,
                 "epochs": metrics["epochs"],
                 "steps": metrics.get("steps"),
                 "wall_s": time.perf_counter() - begin,
@@ -402,9 +406,10 @@ def _quality(epochs: int, args, folder: Path) -> None:
         )
 
 
-def run_child(task: str, path: Path, stream: bool, steps: int) -> dict:
+def run_child(task: str, path: Path, stream: bool, steps: int, refine_batch: int = 64) -> dict:
+    command = [sys.executable, __file__, "--child", task, str(path), str(int(stream))]
     result = subprocess.run(
-        [sys.executable, __file__, "--child", task, str(path), str(int(stream)), str(steps)],
+        [*command, str(steps), str(refine_batch)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -436,13 +441,14 @@ def plot(path: Path, out: Path) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     records = [r for r in records if r.get("kind") == "scale"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for task in TASKS:
-        rows = sorted((r for r in records if r["task"] == task), key=lambda r: r["patterns"])
-        if not rows:
-            continue
+    series = sorted({(r["task"], r.get("batch_size")) for r in records}, key=str)
+    for task, batch in series:
+        rows = [r for r in records if (r["task"], r.get("batch_size")) == (task, batch)]
+        rows.sort(key=lambda r: r["patterns"])
+        label = task if batch is None else f"{task} (batch {batch})"
         m = [r["patterns"] for r in rows]
-        left.loglog(m, [r["seconds"] for r in rows], "o-", label=task)
-        right.semilogx(m, [r["peak_rss_mb"] / 1024 for r in rows], "o-", label=task)
+        left.loglog(m, [r["seconds"] for r in rows], "o-", label=label)
+        right.semilogx(m, [r["peak_rss_mb"] / 1024 for r in rows], "o-", label=label)
     if records:
         m = np.array(sorted({r["patterns"] for r in records}), float)
         left.loglog(m, m / m[0] * 10, "k:", label="linear")
@@ -473,8 +479,12 @@ def main(argv=None) -> int:
     parser.add_argument("--entry-points", type=int, help="train.py, infer.py at this size")
     parser.add_argument("--scan", type=Path, help="an existing scan file (--entry-points)")
     parser.add_argument("--quality", type=int, help="default run in memory vs streamed, epochs")
+    parser.add_argument("--seed", type=int, default=0, help="train.seed (--quality)")
     parser.add_argument("--iterations", type=int, default=10, help="refinement (--workers)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--refine-batch", type=int, default=64, help="refine.batch_size of the refine task"
+    )
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--worker-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_child:
@@ -482,8 +492,9 @@ def main(argv=None) -> int:
         print(json.dumps(worker_child(task, path, int(iterations), out)), flush=True)
         return 0
     if args.child:
-        task, path, stream, steps = args.child
-        print(json.dumps(child(task, path, bool(int(stream)), int(steps))), flush=True)
+        task, path, stream, steps, *batch = args.child
+        record = child(task, path, bool(int(stream)), int(steps), int(batch[0]) if batch else 64)
+        print(json.dumps(record), flush=True)
         return 0
     if args.plot:
         plot(args.plot, args.plot.with_suffix(".png"))
@@ -523,7 +534,7 @@ def main(argv=None) -> int:
                 if args.compare:
                     _compare(task, path, m, args)
                     continue
-                record = run_child(task, path, True, args.train_steps)
+                record = run_child(task, path, True, args.train_steps, args.refine_batch)
                 emit(
                     {"kind": "scale", "task": task, "patterns": m, "n": args.n, **record}, args.json
                 )

@@ -164,8 +164,9 @@ class PrepareOptions:
     """Read HDF5 and CXI patterns from the file when they are used instead of holding
     them in memory (docs/large-scans.md): ``auto`` (when the prepared patterns exceed
     ``stream_above_gb``), ``true`` or ``false``. NPZ files are always read whole."""
-    stream_above_gb: float = 2.0
-    """``stream=auto`` streams scans whose prepared patterns exceed this (GB of float32)."""
+    stream_above_gb: float = 0.25
+    """``stream=auto`` streams scans whose prepared patterns exceed this (GB of float32):
+    held in memory, training keeps about three copies of them."""
 
     def check(self) -> None:
         """``ValueError`` naming the first field out of range or file that is missing."""

@@ -14,6 +14,12 @@ gradients, and the loss is averaged over the global batch, so the learning rate 
 logged loss mean what they mean on one device. Only the chief (worker 0) writes the run
 folder; the other workers keep their checkpoints in a temporary folder.
 
+``infer.py distribute=multiworker`` uses the same cluster to split a reconstruction and
+a refinement over the workers (:func:`ptycho.inference.reconstruct`,
+:class:`ptycho.refine.Refiner`) through :meth:`Distribution.all_sum`; a collective that
+a worker does not join within :data:`COLLECTIVE_TIMEOUT_S` fails on the others, and
+:func:`lost_worker` names the lost worker in one line.
+
 A process makes its :class:`Distribution` once, at start-up (a multi-worker strategy sets
 up its collectives before any other TensorFlow work), and passes it down.
 """
@@ -252,8 +258,10 @@ def lost_worker(error: BaseException) -> str | None:
     text = str(error)
     if not any(word in text for word in _COLLECTIVE_FAILURE):
         return None
-    tasks = sorted({(job, int(task)) for job, task in _TASK.findall(text)})
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    cluster, own = config.get("cluster", {}), config.get("task", {})
+    own = (own.get("type"), int(own.get("index", -1)))
+    tasks = sorted({(job, int(task)) for job, task in _TASK.findall(text)} - {own})
     names = []
     for job, task in tasks:
         number = task + (1 if job == "worker" and "chief" in cluster else 0)

@@ -124,12 +124,14 @@ def test_a_lost_worker_is_named_with_its_address(monkeypatch):
     from ptycho.distribute import lost_worker
 
     cluster = {"worker": ["host0:2222", "host1:2222", "host2:2222"]}
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"index": 0}}))
-    error = tf.errors.UnavailableError(
+    task = {"type": "worker", "index": 0}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+    error = tf.errors.UnavailableError(  # this worker (task 0) is named too: left out
         None,
         None,
         "Collective ops is aborted by: The following tasks are unhealthy (stopped sending "
-        "heartbeats):\n/job:worker/replica:0/task:2\nThe tasks have crashed.",
+        "heartbeats):\n/job:worker/replica:0/task:2\nThe tasks have crashed. "
+        "[/job:worker/replica:0/task:0/device:CPU:0]",
     )
     message = lost_worker(error)
     assert message.startswith("worker 2 (host2:2222) stopped answering")

@@ -722,6 +722,12 @@ def _patterns(frames, recipe: _Recipe, size: int):
 
 def _streams(frames: Frames, options: PrepareOptions, m: int, size: int) -> bool:
     """Whether the patterns are read from the file when used (``data.stream``)."""
+    if frames.file is None and options.stream is True:
+        log.warning(
+            "data.stream=true: %s is read whole (only HDF5 and CXI files stream); convert "
+            "it with python -m ptycho.data.convert",
+            frames.source or "the scan",
+        )
     if frames.file is None or options.stream is False:
         return False
     if options.stream is True:

@@ -6,13 +6,16 @@ measured fastest (``benchmarks/results/train_step_cpu.jsonl`` for the network,
 ``benchmarks/results/refine_cpu.jsonl`` for the refinement; docs/benchmarks.md): on a
 GPU XLA everywhere; on a CPU oneDNN's graph for the network (its convolutions beat
 XLA's CPU backend, and run bfloat16 natively on CPUs with AVX512-BF16 or AMX) and XLA
-for the refinement (gathers, warp and FFT with no convolution).
+for the refinement (gathers, warp and FFT with no convolution). :func:`pipelined` runs
+the next item of a loop on a thread while the caller uses this one (prediction beside
+stitching, reading beside refining).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -160,3 +163,20 @@ def compile_hint(compile_mode: str) -> str | None:
         "(graph for the network, jit for refinement) trains faster here "
         "(benchmarks/results/train_step_cpu.jsonl)"
     )
+
+
+def pipelined(function: Callable, items: Iterable, overlap: bool) -> Iterator:
+    """``function(item)`` for each item, in order. With ``overlap`` the next item's call
+    runs on a worker thread while the caller uses this one's result."""
+    if not overlap:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptycho-ahead") as worker:
+        pending = None
+        for item in items:
+            following = worker.submit(function, item)
+            if pending is not None:
+                yield pending.result()
+            pending = following
+        if pending is not None:
+            yield pending.result()

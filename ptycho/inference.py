@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -21,7 +20,7 @@ import tensorflow as tf
 from ptycho.data.grouping import group_offsets, group_positions, tile_groups
 from ptycho.data.scan import Scan
 from ptycho.errors import require
-from ptycho.hardware import compiled, has_gpu
+from ptycho.hardware import compiled, has_gpu, pipelined
 from ptycho.reconstruction import Reconstruction
 from ptycho.stitch import Stitcher, object_shape_for, place_patches, window_corners
 
@@ -267,7 +266,7 @@ def reconstruct(
     totals = np.zeros(4)
     pairs = []
     batches = range(share.start, share.stop, batch_size)
-    for first, count, windows, sums, shown_pairs in _pipelined(predict, batches, overlap):
+    for first, count, windows, sums, shown_pairs in pipelined(predict, batches, overlap):
         totals += sums.sum(axis=0, dtype=np.float64)
         pairs += shown_pairs
         patches = slice(first * c, first * c + count)
@@ -331,23 +330,6 @@ def _batch_outputs(backend: str, with_background: bool = False):
         return windows, sums
 
     return compiled(finish, "jit" if backend == "xla" else "graph")
-
-
-def _pipelined(function, items, overlap: bool):
-    """``function(item)`` for each item, in order. With ``overlap`` the next item's call
-    runs on a worker thread while the caller uses this one's result."""
-    if not overlap:
-        yield from map(function, items)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptycho-predict") as worker:
-        pending = None
-        for item in items:
-            following = worker.submit(function, item)
-            if pending is not None:
-                yield pending.result()
-            pending = following
-        if pending is not None:
-            yield pending.result()
 
 
 def make_predict_fn(model: keras.Model, compile_mode: str):

@@ -55,7 +55,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -64,9 +63,9 @@ import tensorflow as tf
 
 from ptycho import probes
 from ptycho.data.scan import Scan
-from ptycho.data.stream import shuffled_windows, window_items
+from ptycho.data.stream import ordered_windows, shuffled_windows, window_items
 from ptycho.errors import choice, require
-from ptycho.hardware import compiled
+from ptycho.hardware import compiled, pipelined
 from ptycho.physics import Subpixel
 from ptycho.reconstruction import Reconstruction
 from ptycho.stitch import illumination, object_shape_for
@@ -297,21 +296,11 @@ def _squared_fft_order(amplitudes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _read_ahead(windows, read, *, threaded: bool):
-    """``(window, read(window))`` of each window; ``threaded``: the next one read on a
-    thread while the caller works on this one."""
-    if not threaded:
-        yield from ((window, read(window)) for window in windows)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptycho-read") as reader:
-        pending = None
-        for window in windows:
-            following = (window, reader.submit(read, window))
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = following
-        if pending is not None:
-            yield pending[0], pending[1].result()
+def _rows(counts, weight, index):
+    """Rows ``index`` of (counts (M, N, N), weight (N, N) or (M, N, N) or None)."""
+    if weight is not None and weight.shape.rank == 3:
+        weight = tf.gather(weight, index)
+    return tf.gather(counts, index), weight
 
 
 def _cosine(step: float, final: float, fraction: float) -> float:
@@ -406,7 +395,7 @@ class Refiner:
         self.counts = (
             None
             if scan.streamed
-            else tf.constant(_fft_order(np.square(scan.diffraction, dtype=np.float32)))
+            else tf.constant(_squared_fft_order(np.asarray(scan.diffraction, np.float32)))
         )
         # Counts ~ Poisson(I + background): the dark counts are part of the model.
         self.background = (
@@ -543,10 +532,7 @@ class Refiner:
         1 for the pixels that count, 0 for masked ones ((N, N) or (B, N, N)), or None
         when every pixel counts. Read from the file for a streamed scan."""
         if self.counts is not None:
-            weight = self.valid
-            if weight is not None and weight.shape.rank == 3:
-                weight = tf.gather(weight, index)
-            return tf.gather(self.counts, index), weight
+            return _rows(self.counts, self.valid, index)
         return self._read(np.asarray(index))
 
     def _read(self, index: np.ndarray):
@@ -725,7 +711,8 @@ class Refiner:
         used (its positions are read in a few contiguous runs:
         :func:`ptycho.data.stream.shuffled_windows`)."""
         streamed = self.counts is None
-        for window, (takes, rows, data) in _read_ahead(windows, self._plan, threaded=streamed):
+        planned = pipelined(lambda window: (window, self._plan(window)), windows, streamed)
+        for window, (takes, rows, data) in planned:
             for take, size in takes:
                 index = window[take]
                 if self._moved is not None:  # top-up rows too: this worker moved them
@@ -734,10 +721,7 @@ class Refiner:
                 if not streamed:
                     counts, weight = self.measured(batch)
                 else:
-                    local = tf.constant(np.searchsorted(rows, index))
-                    counts, weight = tf.gather(data[0], local), data[1]
-                    if weight is not None and weight.shape.rank == 3:
-                        weight = tf.gather(weight, local)
+                    counts, weight = _rows(*data, tf.constant(np.searchsorted(rows, index)))
                 yield batch, counts, weight, size
 
     def _plan(self, window: np.ndarray):
@@ -765,7 +749,7 @@ class Refiner:
             return [np.arange(m) if order is None else order.permutation(m)]
         window = window_items(1, self.n, multiple=self.batch_size)
         if order is None:
-            return (np.arange(s, min(s + window, m)) for s in range(0, m, window))
+            return ordered_windows(m, window)
         return shuffled_windows(m, window, order)
 
     def totals(self) -> np.ndarray:

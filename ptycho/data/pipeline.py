@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from ptycho.data.grouping import group_offsets
 from ptycho.data.scan import Scan
-from ptycho.data.stream import shuffled_windows, window_items
+from ptycho.data.stream import ordered_windows, shuffled_windows, window_items
 
 __all__ = ["make_dataset", "normalisation_factor"]
 
@@ -188,7 +188,7 @@ def _streamed_batches(
         if shuffle:
             yield from shuffled_windows(count, window, np.random.default_rng([seed, epoch]))
         else:
-            yield from (np.arange(s, min(s + window, count)) for s in range(0, count, window))
+            yield from ordered_windows(count, window)
 
     def generate():
         numbers = (

@@ -340,11 +340,18 @@ def _counts(frames: Frames, start: int, stop: int) -> tuple[np.ndarray, np.ndarr
     """Counts of frames [start, stop) as float32 and where they are unusable (not finite,
     negative), those set to 0."""
     chunk = np.array(frames.frames[start:stop], dtype=np.float32)
-    bad = ~np.isfinite(chunk) | (chunk < 0)
+    bad = _unusable(chunk)
     chunk[bad] = 0.0
     if frames.amplitudes:
         np.square(chunk, out=chunk)
     return chunk, bad
+
+
+def _unusable(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` are not finite or negative (bool, one pass for NaN and < 0)."""
+    bad = ~(values >= 0)  # NaN and negative
+    bad |= values == np.inf
+    return bad
 
 
 def _statistics(frames: Frames, saturation: float | None) -> _Statistics:
@@ -634,7 +641,7 @@ def prepare(
             frames.file,
             (m, size, size),
             recipe,
-            per_pattern=bool(stats.bad.any() or stats.saturated),
+            per_pattern=not recipe.clean,
         )
     elif identity:  # nothing to change: the file's amplitudes as they are (no copy)
         diffraction = frames.frames
@@ -757,8 +764,7 @@ class _Recipe:
         owned = counts is not frames  # a copy made here, which may be changed in place
         bad, any_bad = None, False
         if not self.clean:  # look for bad and saturated values
-            bad = ~(counts >= 0)  # NaN and negative
-            bad |= counts == np.inf
+            bad = _unusable(counts)
             if self.saturation is not None:
                 bad |= (np.square(counts) if self.amplitudes else counts) >= self.saturation
             any_bad = bool(bad.any())

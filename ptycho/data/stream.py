@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Patterns", "Source", "shuffled_windows", "window_items"]
+__all__ = ["Patterns", "Source", "ordered_windows", "shuffled_windows", "window_items"]
 
 WINDOW_BYTES = 2**25
 """Patterns per streamed window, in bytes of float32 (32 MB): the working set of a
@@ -199,6 +199,12 @@ def window_items(items_per_sample: int, n: int, *, multiple: int = 1) -> int:
     :data:`WINDOW_BYTES`, a multiple of ``multiple`` (the minibatch), at least one."""
     items = WINDOW_BYTES // (items_per_sample * n * n * 4)
     return max(multiple, items // multiple * multiple)
+
+
+def ordered_windows(count: int, window: int) -> Iterator[np.ndarray]:
+    """``range(count)`` in consecutive windows of ``window`` items (unshuffled passes)."""
+    for start in range(0, count, window):
+        yield np.arange(start, min(start + window, count))
 
 
 def shuffled_windows(

@@ -310,13 +310,13 @@ def steady_seconds(refiner: Refiner, passes: int = 3) -> float:
     two warm-up passes first)."""
     import tensorflow as tf
 
-    batches = refiner._batches(np.arange(refiner.scan.n_positions))
+    batches = [batch[:3] for batch in refiner._minibatches(refiner._windows_of())]
     steps = (tf.constant(1.0), tf.constant(0.1), tf.constant(0.5))
     times = []
     for k in range(passes + 2):
         begin = time.perf_counter()
-        for index in batches:
-            loss = refiner._step(index, *steps)
+        for batch in batches:
+            loss = refiner._step(*batch, *steps)
         float(loss)
         if k >= 2:
             times.append(time.perf_counter() - begin)
@@ -372,31 +372,32 @@ def profile(refiner: Refiner) -> dict:
     gradients of object, probe and positions, and the whole step (with the updates)."""
     import tensorflow as tf
 
-    index = refiner._batches(np.arange(refiner.scan.n_positions))[0]
+    batch = next(iter(refiner._minibatches(refiner._windows_of())))[:3]
     compiled = lambda f: tf.function(f, jit_compile=True)  # noqa: E731
 
     @compiled
     def gather(index):
-        indices, _, _ = refiner._windows(index)
-        return tf.reduce_sum(tf.gather_nd(tf.convert_to_tensor(refiner.canvas), indices))
+        tiles, offset, _ = refiner._blocks(index)
+        return tf.reduce_sum(refiner._cut(refiner._caught_up(tiles)[0], offset))
 
     @compiled
     def forward(index):
-        indices, _, fraction = refiner._windows(index)
+        tiles, offset, fraction = refiner._blocks(index)
         probe = tf.convert_to_tensor(refiner.probe)
-        patches = refiner._patches(refiner.canvas, indices, fraction)
+        patches = refiner._patches(refiner._cut(refiner._caught_up(tiles)[0], offset), fraction)
         return tf.reduce_sum(refiner._intensity(refiner._illuminations(probe, fraction), patches))
 
     @compiled
-    def gradients(index):
-        return refiner.gradients(index)[1]
+    def gradients(index, counts, weight):
+        wrt = ("canvas", "probe", "positions")
+        return refiner._window_gradients(index, counts, weight, wrt)[1]
 
     steps = (tf.constant(1.0), tf.constant(0.1), tf.constant(0.5))
     pieces = {
-        "gather": (gather, (index,)),
-        "forward": (forward, (index,)),
-        "gradients": (gradients, (index,)),
-        "step": (refiner._step, (index, *steps)),
+        "gather": (gather, batch[:1]),
+        "forward": (forward, batch[:1]),
+        "gradients": (gradients, batch),
+        "step": (refiner._step, (*batch, *steps)),
     }
     out = {}
     for name, (function, inputs) in pieces.items():

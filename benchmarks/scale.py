@@ -167,9 +167,13 @@ def child(task: str, path: str, stream: bool, steps: int, refine_batch: int) -> 
 
         begin = time.perf_counter()
         options = RefineOptions(mode="object", iterations=1, eval_every=1, batch_size=refine_batch)
-        result = Refiner(scan, options).run()
+        refiner = Refiner(scan, options)
+        result = refiner.run()
         record.update(
-            seconds=time.perf_counter() - begin, r_factor=result.r_factor, batch_size=refine_batch
+            seconds=time.perf_counter() - begin,
+            r_factor=result.r_factor,
+            batch_size=refine_batch,
+            dense=refiner.dense,
         )
     record["peak_rss_mb"] = peak_mb()
     return record
@@ -422,6 +426,13 @@ def run_child(task: str, path: Path, stream: bool, steps: int, refine_batch: int
 # --------------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def emit(record: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(record), flush=True)
@@ -474,6 +485,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", type=int, help="in memory vs streamed at this size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="where the scans go (default: a temp folder)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="a folder whose scans (scan_<patterns>.h5) are reused, or written and kept",
+    )
     parser.add_argument("--plot", type=Path, help="plot a results file (.jsonl) to .png")
     parser.add_argument("--workers", type=int, help="1 vs 2 local workers at this size")
     parser.add_argument("--entry-points", type=int, help="train.py, infer.py at this size")
@@ -509,37 +525,40 @@ def main(argv=None) -> int:
             if args.scan:
                 _entry_points(args.scan, m, args, Path(folder))
                 break
-            path = Path(folder) / f"scan_{m}.h5"
-            begin = time.perf_counter()
-            write_scan(path, m, args.n, args.step)
-            emit(
-                {
-                    "kind": "scan",
-                    "patterns": m,
-                    "n": args.n,
-                    "file_gb": round(path.stat().st_size / 1e9, 3),
-                    "write_s": round(time.perf_counter() - begin, 1),
-                    "writer_peak_rss_mb": round(peak_mb(), 1),
-                },
-                args.json,
-            )
-            if args.workers or args.entry_points:
-                if args.workers:
-                    _workers(path, args, Path(folder))
-                else:
-                    _entry_points(path, m, args, Path(folder))
-                path.unlink()
-                continue
-            for task in args.tasks:
-                if args.compare:
-                    _compare(task, path, m, args)
-                    continue
-                record = run_child(task, path, True, args.train_steps, args.refine_batch)
+            path = (args.keep or Path(folder)) / f"scan_{m}.h5"
+            if not (args.keep and path.exists()):
+                begin = time.perf_counter()
+                write_scan(path, m, args.n, args.step)
                 emit(
-                    {"kind": "scale", "task": task, "patterns": m, "n": args.n, **record}, args.json
+                    {
+                        "kind": "scan",
+                        "patterns": m,
+                        "n": args.n,
+                        "file_gb": round(path.stat().st_size / 1e9, 3),
+                        "write_s": round(time.perf_counter() - begin, 1),
+                        "writer_peak_rss_mb": round(peak_mb(), 1),
+                    },
+                    args.json,
                 )
-            path.unlink()
+            if args.workers:
+                _workers(path, args, Path(folder))
+            elif args.entry_points:
+                _entry_points(path, m, args, Path(folder))
+            else:
+                _run_tasks(path, m, args)
+            if not args.keep:
+                path.unlink()
     return 0
+
+
+def _run_tasks(path: Path, m: int, args) -> None:
+    for task in args.tasks:
+        if args.compare:
+            _compare(task, path, m, args)
+            continue
+        record = run_child(task, path, True, args.train_steps, args.refine_batch)
+        record = {"kind": "scale", "task": task, "patterns": m, "n": args.n, **record}
+        emit({**record, "cpu": cpu_name()}, args.json)
 
 
 def _workers(path: Path, args, folder: Path) -> None:

@@ -14,7 +14,10 @@ network's interpolation). The far-field intensity is the sum over the K probe mo
 ``|F(P_k O)|^2`` (docs/design.md, section 3; K = 1: one coherent probe). The loss is the
 Poisson negative log-likelihood of the counts ``a^2`` under the rates ``s I``, summed
 over a minibatch of positions; one step (gather, shifts, FFTs, loss, gradients, update)
-is one compiled function, XLA-compiled with ``compile_mode="jit"``. The positions'
+is one compiled function, XLA-compiled with ``compile_mode="jit"``. A step reads and
+writes only the canvas tiles under its minibatch's windows (docs/large-scans.md): its
+cost does not grow with the object, so a pass over the scan is linear in the number of
+positions. The positions'
 gradient comes through the probe's phase ramp (``fourier``) or the warp's offset
 gradient (``bilinear``, which is why that model needs ``backend="xla"`` to move them).
 The counts are kept with the zero frequency in the corner, so the step needs no
@@ -29,13 +32,15 @@ Update rules (chosen by measurement: ``benchmarks/refine.py``,
   it the prior's step diverges where few positions at low dose light the object
   dimly); with step 1 near the solution this is the projection onto the measured
   moduli, in parallel over the minibatch. Heavy-ball
-  momentum carries the slow low-frequency phase along; the step follows a cosine from
-  ``step`` to ``step * final_step`` over the iterations, which removes the minibatch
-  noise of the last iterates.
+  momentum carries the slow low-frequency phase along (applied lazily: a pixel no
+  window touches is owed its momentum steps, paid in closed form when a step or a read
+  next needs it, exactly as if every pixel moved at every step); the step follows a
+  cosine from ``step`` to ``step * final_step`` over the iterations, which removes the
+  minibatch noise of the last iterates.
 - positions: a normalised gradient step (RMS of each position's gradient), at most
-  ``max_position_step`` pixels per step, the corrections' mean held at zero (a common
-  shift of every position is unobservable) and each correction bounded by
-  ``max_position_correction``.
+  ``max_position_step`` pixels per step, each correction bounded by
+  ``max_position_correction`` and their mean taken out after every pass (a common
+  shift of every position is unobservable).
 - probe: the gradient of each mode divided by ``4 (sum_batch |o_j|^2 + ...)``; with
   K > 1 the modes are made orthogonal and sorted by power every
   ``orthogonalise_every`` iterations and at the end (a unitary mixture: every
@@ -47,7 +52,11 @@ truncation)`` the loss is continued linearly (a truncated Poisson likelihood, as
 truncated Wirtinger flow), so steps stay bounded. At the solution it is the Poisson
 likelihood itself. An optional smoothness prior ``smoothness * sum |grad O|^2`` (in
 photon-count units: it matters at low dose and fades at high dose) keeps the
-maximum-likelihood object from fitting the noise of low-dose data.
+maximum-likelihood object from fitting the noise of low-dose data. It is split over the
+positions like the likelihood: position j's share is the sum over the neighbouring
+pixel pairs inside its window, each weighted by one over the number of windows that
+hold the pair (:func:`pair_weights`), so the shares of one pass add up to the prior
+over the scanned object and a step's share stays inside its windows.
 """
 
 from __future__ import annotations
@@ -272,11 +281,80 @@ def amplitude_loss(intensity, counts):
     return 2.0 * (tf.sqrt(intensity + 1e-12) - tf.sqrt(counts)) ** 2
 
 
-def _roughness(canvas):
-    """``sum |O(r + e_x) - O(r)|^2 + |O(r + e_y) - O(r)|^2`` of an (H, W, 2) canvas."""
-    across = canvas[:, 1:] - canvas[:, :-1]
-    down = canvas[1:] - canvas[:-1]
-    return tf.reduce_sum(across**2) + tf.reduce_sum(down**2)
+def _window_prior(values, weights):
+    """The smoothness prior of windows ``values`` (B, S, S, 2) and its curvature:
+    ``sum w_x |O(r + e_x) - O(r)|^2 + w_y |O(r + e_y) - O(r)|^2`` over the pixel pairs
+    inside each window, ``weights`` (B, S, S, 2) holding ``(w_x, w_y)`` at the pair's
+    first pixel; and, per window pixel (B, S, S), the sum of the weights of its pairs
+    (the prior's second derivative is twice it, for the real and imaginary parts)."""
+    across = values[:, :, 1:] - values[:, :, :-1]
+    down = values[:, 1:] - values[:, :-1]
+    w_across, w_down = weights[:, :, :-1, 0], weights[:, :-1, :, 1]
+    roughness = tf.reduce_sum(w_across[..., None] * across**2) + tf.reduce_sum(
+        w_down[..., None] * down**2
+    )
+    incident = (
+        tf.pad(w_across, [[0, 0], [0, 0], [0, 1]])
+        + tf.pad(w_across, [[0, 0], [0, 0], [1, 0]])
+        + tf.pad(w_down, [[0, 0], [0, 1], [0, 0]])
+        + tf.pad(w_down, [[0, 0], [1, 0], [0, 0]])
+    )
+    return roughness, incident
+
+
+def _trailing_sums(array: np.ndarray, length: int, axis: int) -> np.ndarray:
+    """``out[i] = sum(array[i - length + 1 : i + 1])`` along ``axis`` (zeros before 0)."""
+    total = np.cumsum(array, axis=axis, dtype=np.int32)
+    earlier = np.zeros_like(total)
+    count = array.shape[axis] - length
+    if count > 0:
+        target = [slice(None)] * array.ndim
+        source = [slice(None)] * array.ndim
+        target[axis], source[axis] = slice(length, None), slice(0, count)
+        earlier[tuple(target)] = total[tuple(source)]
+    return total - earlier
+
+
+def pair_weights(corners: np.ndarray, span: int, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W, 2) float32 ``(1 / c_x, 1 / c_y)``: ``c_x`` at pixel r is the number of
+    windows (``span`` x ``span``, top-left ``corners`` (M, 2) [col, row]) that hold both
+    r and r + e_x, ``c_y`` likewise; 0 where none does. Weighted so, the windows' priors
+    (:func:`_window_prior`) add up to the prior of the whole object over one pass of
+    every position."""
+    height, width = shape
+    rows = np.clip(corners[:, 1], 0, height - 1)
+    cols = np.clip(corners[:, 0], 0, width - 1)
+    starts = np.bincount(rows * width + cols, minlength=height * width)
+    starts = starts.astype(np.int32).reshape(height, width)
+    out = np.zeros((height, width, 2), np.float32)
+    for channel, (down, across) in enumerate(((span, span - 1), (span - 1, span))):
+        count = _trailing_sums(_trailing_sums(starts, down, 0), across, 1)
+        np.divide(1.0, count, out=out[..., channel], where=count > 0)
+    return out
+
+
+TILE = 8
+"""Side of the canvas's tiles, pixels (:class:`Refiner`)."""
+DENSE_RATIO = 1.5
+"""A canvas of at most this many times the tiles a step's windows cover is moved
+whole at every step (:class:`Refiner`, ``dense``)."""
+
+
+def _tiled(array: np.ndarray, tiles: tuple[int, int]) -> np.ndarray:
+    """(rows, cols, TILE, TILE, C) float32 tiles of ``array`` (H, W, C), padded at the
+    end with its last row and column to ``tiles``."""
+    height, width = tiles[0] * TILE, tiles[1] * TILE
+    rows, cols = array.shape[:2]
+    padded = np.pad(array, [(0, height - rows), (0, width - cols), (0, 0)], mode="edge")
+    shaped = padded.reshape(tiles[0], TILE, tiles[1], TILE, -1).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(shaped, np.float32)
+
+
+def _untiled(tiles: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) of ``tiles`` (rows, cols, TILE, TILE, C), cut to ``shape``."""
+    rows, cols, _, _, channels = tiles.shape
+    whole = tiles.transpose(0, 2, 1, 3, 4).reshape(rows * TILE, cols * TILE, channels)
+    return whole[: shape[0], : shape[1]]
 
 
 def _fft_order(array: np.ndarray) -> np.ndarray:
@@ -331,6 +409,12 @@ class Refiner:
         loss) are summed over the workers, which then apply the same update: K workers
         take K times fewer steps per iteration. Each worker moves the positions of its
         own minibatches; they are exchanged after every iteration.
+    dense : bool, optional
+        Move every canvas tile at every step (true) or only the tiles under the
+        minibatch's windows (false; the same result, momentum owed to the others paid
+        lazily); None: dense when the canvas has at most :data:`DENSE_RATIO` times the
+        tiles a step's windows cover (small objects, where a whole update is cheaper
+        than the bookkeeping).
     """
 
     def __init__(
@@ -343,6 +427,7 @@ class Refiner:
         backend: str = "xla",
         compile_mode: str = "jit",
         distribution=None,
+        dense: bool | None = None,
     ):
         options.check()
         if options.mode == RefineMode.off:
@@ -387,8 +472,33 @@ class Refiner:
             start[:] = fill
             inner = start[self.pad : self.pad + self.shape[0], self.pad : self.pad + self.shape[1]]
             inner[filled] = initial[filled]
-        self.canvas = tf.Variable(np.stack([start.real, start.imag], -1).astype(np.float32))
+        self.canvas_shape = (height, width)
+        # The canvas is stored in tiles of TILE x TILE pixels, (rows, cols, TILE, TILE,
+        # 2), a tile's margin beyond it, so that a step moves whole tiles: the tiles
+        # under its minibatch's windows, gathered and scattered as blocks. A step's cost
+        # does not grow with the object. The momentum of the other tiles is owed to
+        # them: each tile's canvas and velocity are current as of update `touched`, and
+        # are brought up to date (the velocity's geometric decay, in closed form) when a
+        # step reads them (_caught_up), or all at once before the canvas is read whole
+        # (flush). Pixels of a tile outside every window get the momentum step alone,
+        # as they would in a step over the whole canvas.
+        self.tiles = (height // TILE + 2, width // TILE + 2)
+        self.canvas = tf.Variable(_tiled(np.stack([start.real, start.imag], -1), self.tiles))
         self.velocity = tf.Variable(tf.zeros_like(self.canvas))
+        self.updates = tf.Variable(0, dtype=tf.int32)
+        self.touched = tf.Variable(tf.zeros(self.tiles, tf.int32))
+        # A canvas of few tiles against those a step's windows cover (their copies
+        # counted) is cheaper to move whole, every tile every step (`dense`).
+        per_step = self.batch_size * self.workers * self._block_side() ** 2
+        self.dense = (
+            self.tiles[0] * self.tiles[1] <= DENSE_RATIO * per_step if dense is None else dense
+        )
+        # Per-pixel sums over a step's windows (gradient, preconditioner), zero between steps.
+        self._sums = None if self.dense else tf.Variable(tf.zeros((*self.tiles, TILE, TILE, 3)))
+        # The smoothness prior's pair weights (pair_weights), from the current windows.
+        self.prior_weights = (
+            tf.Variable(tf.zeros((*self.tiles, TILE, TILE, 2))) if options.smoothness else None
+        )
         # The counts, background and mask are kept in the FFT's order (zero frequency in
         # the corner), so the far field needs no fftshift: sums are order-free. A
         # streamed scan's counts are read a window at a time (_minibatches).
@@ -441,12 +551,14 @@ class Refiner:
             )
         self._saturated = saturated if options.loss == RefineLoss.poisson else 0.0
         self._forward = compiled(self._forward_impl, compile_mode)
+        self._flush = compiled(self._flush_impl, "graph")
+        self._clear = compiled(self._clear_impl, compile_mode)
         if self.workers == 1:
-            self._step = compiled(self._step_impl, compile_mode)
+            self._update = compiled(self._update_impl, compile_mode)
         else:  # the local terms and the update compiled; the sum between them is not
             self._local = compiled(self._local_impl, compile_mode)
             self._apply = compiled(self._apply_impl, compile_mode)
-            self._step = self._distributed_step
+        self._update_prior_weights()
         self._fit_probe_scale()
 
     @staticmethod
@@ -463,36 +575,147 @@ class Refiner:
     # The forward model on a minibatch
     # ----------------------------------------------------------------------------------
 
-    def _windows(self, index):
-        """Gather indices of the object windows of positions ``index`` and their
-        sub-pixel remainders [fx, fy] (B, 2), from the current positions. ``fourier``:
-        (B, N, N, 2) windows at the nearest pixel, remainders in [-1/2, 1/2);
-        ``bilinear``: (B, N + 1, N + 1, 2) windows (the warp's taps) at the pixel below,
-        remainders in [0, 1)."""
-        n = self.n
-        fourier = self.options.subpixel == Subpixel.fourier
-        positions = tf.gather(self.base, index) + tf.gather(self.correction, index)
-        corner = positions - n / 2
-        whole = tf.floor(corner + 0.5) if fourier else tf.floor(corner)
-        fraction = corner - whole
-        whole = tf.cast(whole, tf.int32)
-        size, span = tf.shape(index)[0], (n if fourier else n + 1)
-        rows = whole[:, 1:2] + tf.range(span)[None]
-        cols = whole[:, 0:1] + tf.range(span)[None]
-        indices = tf.stack(
-            [
-                tf.broadcast_to(rows[:, :, None], (size, span, span)),
-                tf.broadcast_to(cols[:, None, :], (size, span, span)),
-            ],
-            axis=-1,
-        )
-        return indices, positions, fraction
+    def _span(self) -> int:
+        """Side of a window: N (``fourier``), N + 1 (``bilinear``: the warp's taps)."""
+        return self.n if self.options.subpixel == Subpixel.fourier else self.n + 1
 
-    def _patches(self, canvas, indices, fraction):
-        """(B, N, N) complex object patches: the windows (``bilinear``: shifted by the
-        remainders through the warp)."""
+    def _corners(self, positions):
+        """Integer top-left corners [col, row] of the windows at ``positions`` (canvas
+        frame) and the sub-pixel remainders [fx, fy]: ``fourier``: windows at the nearest
+        pixel, remainders in [-1/2, 1/2); ``bilinear``: at the pixel below, in [0, 1).
+        Works on tensors and on NumPy arrays."""
+        corner = positions - self.n / 2
+        fourier = self.options.subpixel == Subpixel.fourier
+        if isinstance(corner, np.ndarray):
+            whole = np.floor(corner + 0.5) if fourier else np.floor(corner)
+            return whole.astype(np.int64), corner - whole
+        whole = tf.floor(corner + 0.5) if fourier else tf.floor(corner)
+        return tf.cast(whole, tf.int32), corner - whole
+
+    def _blocks(self, index):
+        """The windows of positions ``index``: the tiles that hold them, (B, T, T, 2)
+        [row, col] (T tiles a side, :meth:`_block_side`), each window's top-left pixel
+        within its block (B, 2) [row, col], and the sub-pixel remainders (B, 2) [fx, fy]
+        (:meth:`_corners`), from the current positions."""
+        positions = tf.gather(self.base, index) + tf.gather(self.correction, index)
+        whole, fraction = self._corners(positions)
+        corner = whole[:, ::-1]  # [row, col]
+        first = corner // TILE
+        side = self._block_side()
+        steps = tf.range(side)
+        rows = tf.broadcast_to(steps[:, None], (side, side))[None]
+        cols = tf.broadcast_to(steps[None, :], (side, side))[None]
+        tiles = tf.stack([first[:, 0, None, None] + rows, first[:, 1, None, None] + cols], axis=-1)
+        return tiles, corner - first * TILE, fraction
+
+    def _block_side(self) -> int:
+        """Tiles a side of the block that holds any window of :meth:`_span` pixels."""
+        return (self._span() + TILE - 2) // TILE + 1
+
+    def _cut(self, blocks, offset):
+        """The windows (B, S, S, C) at ``offset`` (B, 2) [row, col] of tile ``blocks``
+        (B, T, T, TILE, TILE, C)."""
+        side, span = self._block_side() * TILE, self._span()
+        shape = tf.shape(blocks)
+        pixels = tf.reshape(
+            tf.transpose(blocks, (0, 1, 3, 2, 4, 5)), (shape[0], side, side, shape[-1])
+        )
+        rows = offset[:, 0:1] + tf.range(span)[None]
+        cols = offset[:, 1:2] + tf.range(span)[None]
+        pixels = tf.gather(pixels, rows, axis=1, batch_dims=1)
+        return tf.gather(pixels, cols, axis=2, batch_dims=1)
+
+    def _place(self, windows, offset):
+        """Tile blocks (B, T, T, TILE, TILE, C) holding ``windows`` (B, S, S, C) at
+        ``offset`` and zeros around them (the transpose of :meth:`_cut`)."""
+        tiles, span = self._block_side(), self._span()
+        side = tiles * TILE
+        within = tf.range(side)[None] - offset[:, :, None]  # (B, 2, side)
+        inside = tf.cast((within >= 0) & (within < span), windows.dtype)
+        within = tf.clip_by_value(within, 0, span - 1)
+        placed = tf.gather(windows, within[:, 0], axis=1, batch_dims=1)
+        placed = tf.gather(placed, within[:, 1], axis=2, batch_dims=1)
+        placed *= inside[:, 0, :, None, None] * inside[:, 1, None, :, None]
+        shape = tf.shape(windows)
+        placed = tf.reshape(placed, (shape[0], tiles, TILE, tiles, TILE, shape[-1]))
+        return tf.transpose(placed, (0, 1, 3, 2, 4, 5))
+
+    def _caught_up(self, tiles):
+        """The canvas and velocity tiles at ``tiles`` (..., 2) as of the last update:
+        the momentum steps a tile's velocity has owed it since it was last touched,
+        ``O -= v (mu + mu^2 + ... + mu^k)`` and ``v *= mu^k``, in closed form."""
+        canvas = tf.gather_nd(tf.convert_to_tensor(self.canvas), tiles)
+        velocity = tf.gather_nd(tf.convert_to_tensor(self.velocity), tiles)
+        if self.dense:  # every tile moves at every step: none is behind
+            return canvas, velocity
+        momentum = self.options.momentum
+        lag = self.updates - tf.gather_nd(tf.convert_to_tensor(self.touched), tiles)
+        decay = tf.pow(tf.constant(momentum, tf.float32), tf.cast(lag, tf.float32))
+        decay = decay[..., None, None, None]
+        carried = momentum * (1.0 - decay) / (1.0 - momentum)
+        return canvas - carried * velocity, decay * velocity
+
+    def _flush_impl(self):
+        """Every tile brought up to date (:meth:`_caught_up` of the whole canvas)."""
+        momentum = self.options.momentum
+        lag = tf.cast(self.updates - self.touched, tf.float32)
+        decay = tf.pow(tf.constant(momentum, tf.float32), lag)[..., None, None, None]
+        carried = momentum * (1.0 - decay) / (1.0 - momentum)
+        self.canvas.assign_sub(carried * self.velocity)
+        self.velocity.assign(decay * self.velocity)
+        self.touched.assign(tf.fill(tf.shape(self.touched), self.updates))
+        return self.updates
+
+    def flush(self) -> None:
+        """Bring the whole canvas up to date (before it is read whole)."""
+        self._flush()
+
+    def object_canvas(self) -> np.ndarray:
+        """(H', W', 2) float32: the canvas (the frame and its margin), up to date."""
+        self.flush()
+        return _untiled(self.canvas.numpy(), self.canvas_shape)
+
+    def set_object_canvas(self, canvas: np.ndarray) -> None:
+        """Replace the canvas (H', W', 2) (its momentum kept)."""
+        self.flush()
+        self.canvas.assign(_tiled(np.asarray(canvas, np.float32), self.tiles))
+
+    def _update_prior_weights(self) -> None:
+        """The smoothness prior's pair weights (:func:`pair_weights`) of the current
+        windows (the same on every worker: the positions are shared between passes)."""
+        if self.prior_weights is None:
+            return
+        whole, _ = self._corners((self.base + self.correction).numpy())
+        shape = (self.tiles[0] * TILE, self.tiles[1] * TILE)
+        weights = pair_weights(whole, self._span(), shape)
+        if self.dense:  # the whole canvas's covered pairs, a share at every step
+            weights = (weights > 0).astype(np.float32)
+        self.prior_weights.assign(_tiled(weights, self.tiles))
+
+    def _canvas_prior(self, size):
+        """``dense``: the prior's share ``size / M`` of the covered pairs of the whole
+        canvas (the same sum over a pass as the windows' shares), as (value, gradient
+        and curvature tiles (rows, cols, TILE, TILE, 3))."""
+        options = self.options
+        rows, cols = self.tiles
+        share = options.smoothness * tf.cast(size, tf.float32) / self.scan.n_positions
+
+        def untiled(tiles):
+            whole = tf.transpose(tiles, (0, 2, 1, 3, 4))
+            return tf.reshape(whole, (1, rows * TILE, cols * TILE, tiles.shape[-1]))
+
+        canvas = untiled(tf.convert_to_tensor(self.canvas))
+        with tf.GradientTape() as tape:
+            tape.watch(canvas)
+            roughness, incident = _window_prior(canvas, untiled(self.prior_weights))
+        terms = tf.concat([tape.gradient(roughness, canvas), 2.0 * incident[..., None]], -1)
+        terms = tf.reshape(share * terms[0], (rows, TILE, cols, TILE, 3))
+        return share * roughness, tf.transpose(terms, (0, 2, 1, 3, 4))
+
+    def _patches(self, windows, fraction):
+        """(B, N, N) complex object patches from the windows' values (B, S, S, 2)
+        (``bilinear``: shifted by the remainders through the warp)."""
         n = self.n
-        windows = tf.gather_nd(tf.convert_to_tensor(canvas), indices)
         if self.options.subpixel == Subpixel.bilinear:
             windows = translate(windows, -fraction, backend=self.backend)[:, :n, :n]
         return tf.complex(windows[..., 0], windows[..., 1])
@@ -548,10 +771,10 @@ class Refiner:
         """Per position of the minibatch (B, 6): sums of the loss, the Poisson NLL,
         |sqrt(I) - a|, a, I and the counts (``counts`` and ``weight`` of the minibatch:
         :meth:`measured`)."""
-        indices, _, fraction = self._windows(index)
+        tiles, offset, fraction = self._blocks(index)
         intensity = self._intensity(
             self._illuminations(tf.convert_to_tensor(self.probe), fraction),
-            self._patches(self.canvas, indices, fraction),
+            self._patches(self._cut(self._caught_up(tiles)[0], offset), fraction),
         )
         expected = self._measurable(intensity)
         terms = [
@@ -566,111 +789,169 @@ class Refiner:
             terms = [term * weight for term in terms]
         return tf.stack([tf.reduce_sum(term, axis=(1, 2)) for term in terms], axis=1)
 
-    def gradients(
-        self,
-        index,
-        canvas=None,
-        probe=None,
-        *,
-        wrt=("canvas", "probe", "positions"),
-        measured=None,
-    ):
-        """The minibatch loss and its gradients with respect to the canvas (H', W', 2),
-        the probe modes (K, N, N, 2) and the positions of ``index`` (B, 2) [x, y], at
-        the current variables (or at the ``canvas`` / ``probe`` given), and the
-        minibatch's (window indices, patches). Gradients not in ``wrt`` are zeros and
-        cost nothing: XLA drops their part of the backward pass. ``measured``: the
-        minibatch's (counts, weight) (default: :meth:`measured` of ``index``)."""
+    def _window_gradients(self, index, counts, weight, wrt):
+        """The minibatch's loss (its patterns' likelihood plus its windows' share of the
+        smoothness prior, :func:`_window_prior`) and its gradients with respect to the
+        windows' values (B, S, S, 2), the probe modes (K, N, N, 2) and the positions of
+        ``index`` (B, 2) [x, y]; and the windows' (tiles, offsets, patches, prior
+        curvature (B, S, S) or None) (:meth:`_blocks`). Gradients not in ``wrt`` are
+        zeros and cost nothing: XLA drops their part of the backward pass."""
         options = self.options
-        indices, _, fraction = self._windows(index)
-        counts, weight = self.measured(index) if measured is None else measured
-        canvas = tf.identity(self.canvas if canvas is None else canvas)
-        probe = tf.identity(self.probe if probe is None else probe)
+        tiles, offset, fraction = self._blocks(index)
+        values = self._cut(self._caught_up(tiles)[0], offset)
+        probe = tf.convert_to_tensor(self.probe)
         # d loss / d position = d loss / d fraction: the integer part only picks the
         # window; within it the remainder moves with the position.
-        sources = {"canvas": canvas, "probe": probe, "positions": fraction}
+        sources = {"canvas": values, "probe": probe, "positions": fraction}
+        curvature = None
         with tf.GradientTape() as tape:
             tape.watch([sources[name] for name in wrt])
-            patches = self._patches(canvas, indices, fraction)
+            patches = self._patches(values, fraction)
             illuminations = self._illuminations(probe, fraction)
             loss = self._loss(self._intensity(illuminations, patches), counts)
             loss = tf.reduce_sum(loss if weight is None else loss * weight)
-            if options.smoothness:
-                share = tf.cast(tf.shape(index)[0], tf.float32) / self.scan.n_positions
-                loss += options.smoothness * share * _roughness(canvas)
+            if options.smoothness and not self.dense:  # dense: _canvas_prior
+                prior = tf.gather_nd(tf.convert_to_tensor(self.prior_weights), tiles)
+                roughness, incident = _window_prior(values, self._cut(prior, offset))
+                loss += options.smoothness * roughness
+                curvature = 2.0 * options.smoothness * incident
         found = dict(zip(wrt, tape.gradient(loss, [sources[name] for name in wrt]), strict=True))
         grads = [  # the legacy warp has no gradient for the positions (None)
             tf.zeros_like(value) if found.get(name) is None else tf.convert_to_tensor(found[name])
             for name, value in sources.items()
         ]
-        return loss, grads, (indices, patches)
+        return loss, grads, (tiles, offset, patches, curvature)
 
-    def _step_impl(self, index, counts, weight, object_step, position_step, probe_step):
+    def gradients(self, index, *, wrt=("canvas", "probe", "positions"), measured=None):
+        """The minibatch loss (:meth:`_window_gradients`) and its gradients with respect
+        to the canvas (H', W', 2, the windows' gradients added where they overlap), the
+        probe modes (K, N, N, 2) and the positions of ``index`` (B, 2) [x, y], at the
+        current variables. ``measured``: the minibatch's (counts, weight) (default:
+        :meth:`measured` of ``index``)."""
+        counts, weight = self.measured(index) if measured is None else measured
+        loss, (grad_windows, *rest), (tiles, offset, *_) = self._window_gradients(
+            index, counts, weight, wrt
+        )
+        blocks = self._place(grad_windows, offset)
+        grad_tiles = tf.tensor_scatter_nd_add(tf.zeros_like(self.canvas), tiles, blocks)
+        if self.options.smoothness and self.dense:
+            roughness, terms = self._canvas_prior(tf.shape(index)[0])
+            loss, grad_tiles = loss + roughness, grad_tiles + terms[..., :2]
+        rows, cols = self.tiles
+        grad_canvas = tf.reshape(
+            tf.transpose(grad_tiles, (0, 2, 1, 3, 4)), (rows * TILE, cols * TILE, 2)
+        )[: self.canvas_shape[0], : self.canvas_shape[1]]
+        return loss, [grad_canvas, *rest]
+
+    def _step(self, index, counts, weight, *steps):
         """One minibatch update of every variable being refined (steps 0 leave one
         alone); returns the minibatch's loss."""
-        shared, gradient = self._local_impl(index, counts, weight)
-        return self._apply_impl(index, shared, gradient, object_step, position_step, probe_step)
+        if self.workers > 1:
+            return self._distributed_step(index, counts, weight, *steps)
+        loss, where = self._update(index, counts, weight, *steps)
+        if not self.dense:
+            self._clear(where)
+        return loss
+
+    def _update_impl(self, index, counts, weight, object_step, position_step, probe_step):
+        """:meth:`_step` on one worker: the loss and the window pixels to clear."""
+        shared, pixels, gradient = self._local_impl(index, counts, weight)
+        loss = self._apply_impl(
+            index, shared, pixels, gradient, object_step, position_step, probe_step
+        )
+        return loss, pixels[0]
+
+    def _clear_impl(self, where):
+        """Zero the per-pixel sums at ``where`` (a call of its own: a second scatter into
+        the sums in the step's compiled function makes XLA copy them whole)."""
+        self._sums.scatter_nd_update(where, tf.zeros((tf.shape(where)[0], TILE, TILE, 3)))
+        return tf.shape(where)[0]
 
     def _local_impl(self, index, counts, weight):
-        """What one worker's minibatch gives the update: ``(loss, canvas gradient,
-        illumination, probe gradient, object power)``, which the workers add up, and the
-        gradient of its own positions."""
+        """What one worker's minibatch gives the update: ``shared`` = (loss, probe
+        gradient, object power), which the workers add up; ``pixels`` = (the windows'
+        pixels (L, 2) [row, col], their terms (L, 3): the object gradient and the
+        preconditioner's share), which the workers pool; and the gradient of its own
+        positions."""
         options = self.options
-        size = tf.shape(index)[0]
         wrt = (
             ["canvas"]
             + ["positions"] * options.refines_positions
             + ["probe"] * options.refines_probe
         )
-        loss, (grad_canvas, grad_probe, gradient), (indices, patches) = self.gradients(
-            index, wrt=wrt, measured=(counts, weight)
+        loss, (grad_windows, grad_probe, gradient), (tiles, offset, patches, curvature) = (
+            self._window_gradients(index, counts, weight, wrt)
         )
-        # The minibatch's illumination sum_k |P_k|^2 (the modes unshifted: the
-        # remainders move them by half a pixel at most), the object's preconditioner.
+        # The illumination sum_k |P_k|^2 of each window pixel (the modes unshifted: the
+        # remainders move them by half a pixel at most) and the prior's curvature: the
+        # object's preconditioner, once summed per pixel over the minibatch.
         intensity = tf.reduce_sum(self.probe**2, axis=(0, 3))
         if options.subpixel == Subpixel.bilinear:  # the (N + 1) x (N + 1) window
             intensity = tf.pad(intensity, [[0, 1], [0, 1]])
-        span = tf.shape(intensity)[0]
-        illumination = tf.tensor_scatter_nd_add(
-            tf.zeros(tf.shape(self.canvas)[:2]),
-            indices,
-            tf.broadcast_to(intensity, (size, span, span)),
-        )
+        denominator = tf.broadcast_to(4.0 * intensity, tf.shape(grad_windows)[:3])
+        if curvature is not None:
+            denominator += curvature
+        terms = self._place(tf.concat([grad_windows, denominator[..., None]], -1), offset)
+        pixels = (tf.reshape(tiles, (-1, 2)), tf.reshape(terms, (-1, TILE, TILE, 3)))
         # The minibatch's object intensity, the probe's preconditioner.
         object_power = tf.reduce_sum(tf.math.real(patches) ** 2 + tf.math.imag(patches) ** 2, 0)
-        return (loss, grad_canvas, illumination, grad_probe, object_power), gradient
+        return (loss, grad_probe, object_power), pixels, gradient
 
-    def _apply_impl(self, index, shared, gradient, object_step, position_step, probe_step):
+    def _apply_impl(self, index, shared, pixels, gradient, object_step, position_step, probe_step):
         """The update of the (global) minibatch from the workers' summed ``shared``
-        terms and this worker's positions' ``gradient``; returns the loss."""
+        terms, their pooled window ``pixels`` and this worker's positions' ``gradient``;
+        returns the loss. The object changes at the windows' pixels only."""
         options = self.options
-        loss, grad_canvas, illumination, grad_probe, object_power = shared
+        loss, grad_probe, object_power = shared
         size = tf.cast(tf.shape(index)[0] * self.workers, tf.float32)  # the global minibatch
         intensity = tf.reduce_sum(self.probe**2, axis=(0, 3))
 
-        # Object: the gradient preconditioned by the minibatch's illumination.
-        denominator = 4.0 * (illumination + options.regularisation * tf.reduce_max(intensity))
-        if options.smoothness:  # the prior's curvature: 2 x 4 neighbours per pixel
-            denominator += 8.0 * options.smoothness * size / self.scan.n_positions
-        update = object_step * grad_canvas / denominator[..., None]
-        self.velocity.assign(options.momentum * self.velocity + update)
-        self.canvas.assign_sub(self.velocity)
+        # Object: each pixel's gradient summed over the windows holding it, over the
+        # summed illumination (and prior curvature), a heavy-ball step.
+        where, terms = pixels
+        damping = 4.0 * options.regularisation * tf.reduce_max(intensity)
+        if self.dense:  # every tile moves
+            totals = tf.tensor_scatter_nd_add(tf.zeros((*self.tiles, TILE, TILE, 3)), where, terms)
+            if options.smoothness:
+                roughness, prior = self._canvas_prior(size)
+                loss, totals = loss + roughness, totals + prior
+            velocity = self._velocity(self.velocity, totals, damping, object_step)
+            self.velocity.assign(velocity)
+            self.canvas.assign_sub(velocity)
+        else:  # the tiles under the windows move; every copy of a tile computes the
+            # same totals and update, so duplicate writes agree
+            self._sums.scatter_nd_add(where, terms)  # zeroed again by _clear
+            totals = tf.gather_nd(tf.convert_to_tensor(self._sums), where)
+            values, velocity = self._caught_up(where)
+            velocity = self._velocity(velocity, totals, damping, object_step)
+            self.velocity.scatter_nd_update(where, velocity)
+            self.canvas.scatter_nd_update(where, values - velocity)
+            self.updates.assign_add(1)
+            self.touched.scatter_nd_update(where, tf.fill(tf.shape(where)[:1], self.updates))
 
-        # Positions: a normalised step per position.
+        # Positions: a normalised step per position, each correction bounded (the
+        # corrections' mean is taken out after every pass: _centre_corrections).
         power = tf.reduce_sum(gradient**2, -1)
         rms = tf.gather(self.position_rms, index)
         rms = tf.where(rms > 0, 0.9 * rms + 0.1 * power, power)
         self.position_rms.scatter_nd_update(index[:, None], rms)
         move = -position_step * gradient / (tf.sqrt(rms)[:, None] + 1e-12)
         move = tf.clip_by_value(move, -options.max_position_step, options.max_position_step)
-        self.correction.scatter_nd_add(index[:, None], move)
-        self._centre_corrections()
+        limit = options.max_position_correction
+        moved = tf.clip_by_value(tf.gather(self.correction, index) + move, -limit, limit)
+        self.correction.scatter_nd_update(index[:, None], moved)
 
         # Probe: preconditioned by the minibatch's object intensity.
         mean_power = tf.reduce_max(object_power) / size
         probe_denominator = 4.0 * (object_power + options.regularisation * mean_power)
         self.probe.assign_sub(probe_step * grad_probe / probe_denominator[None, ..., None])
         return loss
+
+    def _velocity(self, velocity, totals, damping, object_step):
+        """The heavy-ball velocity after a step: ``totals`` (..., 3) hold each pixel's
+        summed gradient and preconditioner."""
+        denominator = totals[..., 2:] + damping
+        return self.options.momentum * velocity + object_step * totals[..., :2] / denominator
 
     def _centre_corrections(self):
         """Hold the corrections' mean at zero and each within ``max_position_correction``."""
@@ -679,11 +960,18 @@ class Refiner:
         self.correction.assign(tf.clip_by_value(correction, -limit, limit))
 
     def _distributed_step(self, index, counts, weight, *steps):
-        """:meth:`_step_impl` across workers: the local terms, summed over the workers,
-        then the same update on every worker."""
-        shared, gradient = self._local(index, counts, weight)
+        """:meth:`_step` across workers: the local terms, summed (and the window
+        pixels pooled) over the workers, then the same update on every worker."""
+        shared, (where, terms), gradient = self._local(index, counts, weight)
         shared = self.distribution.all_sum(list(shared))
-        return self._apply(index, tuple(shared), gradient, *steps)
+        # Tile indices travel as float32 (exact below 2^24).
+        where = self.distribution.all_gather(tf.cast(where, tf.float32)).reshape(-1, 2)
+        terms = self.distribution.all_gather(terms).reshape(-1, TILE, TILE, 3)
+        pooled = (tf.constant(where.astype(np.int32)), tf.constant(terms))
+        loss = self._apply(index, tuple(shared), pooled, gradient, *steps)
+        if not self.dense:
+            self._clear(pooled[0])
+        return loss
 
     def _sync_positions(self, start: np.ndarray, rms: np.ndarray, moved: np.ndarray) -> None:
         """After an iteration on several workers: each position's correction (and step
@@ -790,7 +1078,7 @@ class Refiner:
     def current_object(self) -> tuple[np.ndarray, np.ndarray]:
         """(object, mask) in the frame: pixels no position illuminates (summed |P|^2
         below 1e-3 of its maximum) are 0 and False."""
-        canvas = self.canvas.numpy()
+        canvas = self.object_canvas()
         pad, (height, width) = self.pad, self.shape
         obj = (canvas[..., 0] + 1j * canvas[..., 1])[pad : pad + height, pad : pad + width]
         probe = self.current_probe()
@@ -836,6 +1124,10 @@ class Refiner:
             if synced:
                 self._sync_positions(*start, self._moved)
                 self._moved = None
+            elif position_step:
+                self._centre_corrections()
+            if position_step:  # the windows moved: the prior's weights follow them
+                self._update_prior_weights()
             if not math.isfinite(float(loss)):
                 raise FloatingPointError(
                     f"the refinement diverged at iteration {iteration + 1} (loss {float(loss)}); "

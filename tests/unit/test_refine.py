@@ -50,12 +50,51 @@ def amp_ssim(scan, obj) -> float:
     return metrics.compare(scan.object, obj, region=scan_region(scan))["amp_ssim"]
 
 
+def numpy_window(refiner: Refiner, j: int) -> tuple[int, int, int]:
+    """(row, col, side) of the canvas window position j's patch is taken from: the
+    N x N window at the nearest pixel (``fourier``), or the (N + 1) x (N + 1) window of
+    the bilinear taps at the pixel below (``bilinear``)."""
+    x, y = refiner.positions()[j] + refiner.pad - N / 2
+    if refiner.options.subpixel == "bilinear":
+        return int(np.floor(y)), int(np.floor(x)), N + 1
+    return int(np.floor(y + 0.5)), int(np.floor(x + 0.5)), N
+
+
+def numpy_prior(refiner: Refiner, index: np.ndarray) -> float:
+    """The smoothness prior's share of positions ``index``: each pixel pair of a window
+    (neighbours across and down) weighted by one over the number of the scan's windows
+    that hold both, so the shares of every position add up to the whole prior
+    ``sum |grad O|^2`` over the pairs the scan covers; for a canvas moved whole
+    (``dense``), the share ``len(index) / M`` of that whole prior."""
+    canvas = refiner.object_canvas().astype(np.float64)
+    across_count = np.zeros(canvas.shape[:2])
+    down_count = np.zeros(canvas.shape[:2])
+    windows = [numpy_window(refiner, j) for j in range(refiner.scan.n_positions)]
+    for row, col, side in windows:
+        across_count[row : row + side, col : col + side - 1] += 1
+        down_count[row : row + side - 1, col : col + side] += 1
+    if refiner.dense:
+        across = np.sum(np.diff(canvas, axis=1) ** 2, -1)[across_count[:, :-1] > 0]
+        down = np.sum(np.diff(canvas, axis=0) ** 2, -1)[down_count[:-1] > 0]
+        share = len(index) / refiner.scan.n_positions
+        return refiner.options.smoothness * share * float(across.sum() + down.sum())
+    total = 0.0
+    for j in index:
+        row, col, side = windows[j]
+        patch = canvas[row : row + side, col : col + side]
+        across = np.sum((patch[:, 1:] - patch[:, :-1]) ** 2, -1)
+        down = np.sum((patch[1:] - patch[:-1]) ** 2, -1)
+        total += np.sum(across / across_count[row : row + side, col : col + side - 1])
+        total += np.sum(down / down_count[row : row + side - 1, col : col + side])
+    return refiner.options.smoothness * total
+
+
 def numpy_patch_and_modes(refiner: Refiner, j: int) -> tuple[np.ndarray, np.ndarray]:
     """Position j's object patch and (K, N, N) probe modes in the refiner's model:
     ``bilinear``: patch sampled by scipy at the exact position, modes as they are;
     ``fourier``: the window at the nearest pixel, each mode shifted by the remainder with
     scipy's Fourier shift."""
-    canvas = refiner.canvas.numpy().astype(np.float64)
+    canvas = refiner.object_canvas().astype(np.float64)
     obj = canvas[..., 0] + 1j * canvas[..., 1]
     probe = refiner.probe.numpy().astype(np.float64)
     modes = probe[..., 0] + 1j * probe[..., 1]
@@ -74,8 +113,8 @@ def numpy_patch_and_modes(refiner: Refiner, j: int) -> tuple[np.ndarray, np.ndar
 
 def numpy_loss(refiner: Refiner, index: np.ndarray) -> float:
     """The truncated Poisson loss of positions ``index``: the patterns ``sum_k |P_k O|^2``
-    through the unitary numpy FFT (docs/design.md, section 3)."""
-    canvas = refiner.canvas.numpy().astype(np.float64)
+    through the unitary numpy FFT (docs/design.md, section 3), plus the smoothness
+    prior's share of those positions."""
     counts = np.square(refiner.scan.diffraction.astype(np.float64))
     cut_factor = 1.0 + refiner.options.truncation
     total = 0.0
@@ -89,22 +128,32 @@ def numpy_loss(refiner: Refiner, index: np.ndarray) -> float:
         exact = safe - n * np.log(np.where(safe > 0, safe, 1.0))
         linear = np.where(intensity < cut, (1 - cut_factor) * (intensity - cut), 0.0)
         total += float(np.sum(exact + linear))
-    share = len(index) / refiner.scan.n_positions
-    roughness = np.sum(np.diff(canvas, axis=0) ** 2) + np.sum(np.diff(canvas, axis=1) ** 2)
-    return total + refiner.options.smoothness * share * float(roughness)
+    return total + numpy_prior(refiner, index)
 
 
 @pytest.mark.parametrize(
-    "subpixel, modes", [("fourier", 1), ("bilinear", 1), ("fourier", 3), ("bilinear", 2)]
+    "subpixel, modes, dense",
+    [
+        ("fourier", 1, True),
+        ("fourier", 1, False),
+        ("bilinear", 1, True),
+        ("bilinear", 1, False),
+        ("fourier", 3, True),
+        ("bilinear", 2, True),
+    ],
 )
-def test_the_minibatch_loss_is_the_poisson_likelihood_of_a_numpy_forward_model(subpixel, modes):
+def test_the_minibatch_loss_is_the_poisson_likelihood_of_a_numpy_forward_model(
+    subpixel, modes, dense
+):
     scan = small_scan(nphotons=1e5)
     rng = np.random.default_rng(0)
     start = scan.object * np.exp(0.3j) * 0.8 + 0.05 * rng.normal(size=scan.object.shape)
-    settings = options(mode="full", batch_size=8, subpixel=subpixel, probe_modes=modes)
-    refiner = Refiner(scan, settings, initial=start, compile_mode="eager")
+    settings = options(
+        mode="full", batch_size=8, subpixel=subpixel, probe_modes=modes, smoothness=5.0
+    )
+    refiner = Refiner(scan, settings, initial=start, compile_mode="eager", dense=dense)
     index = np.array([0, 5, 9, 17, 30, 41, 50, 63], np.int32)
-    loss, _, _ = refiner.gradients(tf.constant(index))
+    loss, _ = refiner.gradients(tf.constant(index))
     assert float(loss) == pytest.approx(numpy_loss(refiner, index), rel=2e-5)
 
 
@@ -119,8 +168,11 @@ def inner_positions(refiner: Refiner, count: int) -> np.ndarray:
     return np.flatnonzero(np.all(inner, axis=1))[:count]
 
 
-@pytest.mark.parametrize("subpixel, modes", [("fourier", 1), ("bilinear", 1), ("fourier", 2)])
-def test_gradients_match_finite_differences(subpixel, modes):
+@pytest.mark.parametrize(
+    "subpixel, modes, dense",
+    [("fourier", 1, True), ("fourier", 1, False), ("bilinear", 1, False), ("fourier", 2, True)],
+)
+def test_gradients_match_finite_differences(subpixel, modes, dense):
     """Object, probe modes and positions (through the probe's Fourier shift or the
     warp's offset gradient), with the smoothness prior on, against central differences
     of the float64 numpy model."""
@@ -130,10 +182,15 @@ def test_gradients_match_finite_differences(subpixel, modes):
     settings = options(
         mode="full", batch_size=4, smoothness=5.0, subpixel=subpixel, probe_modes=modes
     )
-    refiner = Refiner(scan, settings, initial=start, compile_mode="eager")
+    refiner = Refiner(scan, settings, initial=start, compile_mode="eager", dense=dense)
     inner = inner_positions(refiner, 4)
     index = tf.constant(inner.astype(np.int32))
-    _, (grad_canvas, grad_probe, grad_positions), _ = refiner.gradients(index)
+    _, (grad_canvas, grad_probe, grad_positions) = refiner.gradients(index)
+
+    class Canvas:  # the canvas as a variable: read and written whole
+        shape = refiner.object_canvas().shape
+        numpy = refiner.object_canvas
+        assign = refiner.set_object_canvas
 
     def central(variable, change):
         saved = variable.numpy()
@@ -144,7 +201,7 @@ def test_gradients_match_finite_differences(subpixel, modes):
         variable.assign(saved)
         return values[0] - values[1]
 
-    changes = [(refiner.canvas, grad_canvas, None)]
+    changes = [(Canvas, grad_canvas, None)]
     for k in range(modes):  # each mode on its own: the weak ones too
         only = np.zeros(refiner.probe.shape)
         only[k] = 1.0
@@ -167,6 +224,41 @@ def test_gradients_match_finite_differences(subpixel, modes):
             change[j, axis] = eps
             numeric = central(refiner.correction, change) / (2 * eps)
             assert float(grad_positions.numpy()[row, axis]) == pytest.approx(numeric, rel=1e-2)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_steps_are_heavy_ball_momentum_on_the_preconditioned_gradient(dense):
+    """Every pixel moves at every step by its velocity, ``v = mu v + step g / D`` with
+    ``D = 4 (sum_batch |P|^2 + regularisation max |P|^2)``, in numpy over the whole
+    canvas; the refiner's steps (every tile, or only the tiles under the windows with
+    the momentum owed to the others paid later) give the same canvas."""
+    scan = small_scan(nphotons=1e6)
+    settings = options(batch_size=8, momentum=0.8)
+    refiner = Refiner(scan, settings, dense=dense)
+    assert refiner.dense is dense
+    reference = Refiner(scan, settings, compile_mode="eager")
+    probe = reference.probe.numpy().astype(np.float64)
+    power = np.sum(probe**2, axis=(0, 3))
+    canvas = refiner.object_canvas().astype(np.float64)
+    velocity = np.zeros_like(canvas)
+    order = np.random.default_rng(3).permutation(scan.n_positions)
+    # A few steps in one region, then steps elsewhere: the first region's pixels keep
+    # moving by their momentum alone.
+    batches = [order[:8], order[8:16], np.arange(8), np.arange(56, 64), order[16:24]]
+    for step, index in zip([1.0, 0.7, 0.5, 0.9, 0.3], batches, strict=True):
+        reference.set_object_canvas(canvas)
+        _, (gradient, _, _) = reference.gradients(tf.constant(index.astype(np.int32)))
+        illumination = np.zeros(canvas.shape[:2])
+        for j in index:
+            row, col, side = numpy_window(reference, j)
+            illumination[row : row + side, col : col + side] += power
+        denominator = 4 * (illumination + settings.regularisation * power.max())
+        velocity = 0.8 * velocity + step * gradient.numpy() / denominator[..., None]
+        canvas = canvas - velocity
+        batch = tf.constant(index.astype(np.int32))
+        refiner._step(batch, *refiner.measured(batch), *map(tf.constant, (step, 0.0, 0.0)))
+    assert np.abs(velocity).max() > 1e-3  # the steps moved the object
+    np.testing.assert_allclose(refiner.object_canvas(), canvas, atol=2e-5 * np.abs(canvas).max())
 
 
 @pytest.mark.parametrize("subpixel", ["fourier", "bilinear"])

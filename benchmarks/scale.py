@@ -452,11 +452,13 @@ def plot(path: Path, out: Path) -> None:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     records = [r for r in records if r.get("kind") == "scale"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    series = sorted({(r["task"], r.get("batch_size")) for r in records}, key=str)
-    for task, batch in series:
-        rows = [r for r in records if (r["task"], r.get("batch_size")) == (task, batch)]
-        rows.sort(key=lambda r: r["patterns"])
-        label = task if batch is None else f"{task} (batch {batch})"
+    key = lambda r: (r["task"], r.get("batch_size"), r.get("cpu"))  # noqa: E731
+    for task, batch, cpu in sorted({key(r) for r in records}, key=str):
+        rows = sorted(
+            (r for r in records if key(r) == (task, batch, cpu)), key=lambda r: r["patterns"]
+        )
+        notes = [f"batch {batch}"] * (batch not in (None, 64)) + [cpu] * (cpu is not None)
+        label = f"{task} ({', '.join(notes)})" if notes else task
         m = [r["patterns"] for r in rows]
         left.loglog(m, [r["seconds"] for r in rows], "o-", label=label)
         right.semilogx(m, [r["peak_rss_mb"] / 1024 for r in rows], "o-", label=label)

@@ -405,8 +405,8 @@ class Refiner:
     distribution : ptycho.distribute.Distribution, optional
         Several workers (``distribute=multiworker``): every step, each worker takes its
         ``batch_size`` of the global minibatch of ``batch_size x workers`` positions,
-        and the gradients of the object and probe (with their preconditioners and the
-        loss) are summed over the workers, which then apply the same update: K workers
+        and the workers pool their windows' object gradients and preconditioners (tile
+        by tile) and sum the probe's and the loss, then apply the same update: K workers
         take K times fewer steps per iteration. Each worker moves the positions of its
         own minibatches; they are exchanged after every iteration.
     dense : bool, optional

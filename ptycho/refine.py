@@ -791,7 +791,8 @@ class Refiner:
 
     def _window_gradients(self, index, counts, weight, wrt):
         """The minibatch's loss (its patterns' likelihood plus its windows' share of the
-        smoothness prior, :func:`_window_prior`) and its gradients with respect to the
+        smoothness prior, :func:`_window_prior`; with ``dense`` the prior's share is
+        :meth:`_canvas_prior`, added by the caller) and its gradients with respect to the
         windows' values (B, S, S, 2), the probe modes (K, N, N, 2) and the positions of
         ``index`` (B, 2) [x, y]; and the windows' (tiles, offsets, patches, prior
         curvature (B, S, S) or None) (:meth:`_blocks`). Gradients not in ``wrt`` are
@@ -854,7 +855,7 @@ class Refiner:
         return loss
 
     def _update_impl(self, index, counts, weight, object_step, position_step, probe_step):
-        """:meth:`_step` on one worker: the loss and the window pixels to clear."""
+        """:meth:`_step` on one worker: the loss and the tiles whose sums to clear."""
         shared, pixels, gradient = self._local_impl(index, counts, weight)
         loss = self._apply_impl(
             index, shared, pixels, gradient, object_step, position_step, probe_step
@@ -862,17 +863,17 @@ class Refiner:
         return loss, pixels[0]
 
     def _clear_impl(self, where):
-        """Zero the per-pixel sums at ``where`` (a call of its own: a second scatter into
-        the sums in the step's compiled function makes XLA copy them whole)."""
+        """Zero the per-pixel sums of tiles ``where`` (a call of its own: a second scatter
+        into the sums in the step's compiled function makes XLA copy them whole)."""
         self._sums.scatter_nd_update(where, tf.zeros((tf.shape(where)[0], TILE, TILE, 3)))
         return tf.shape(where)[0]
 
     def _local_impl(self, index, counts, weight):
         """What one worker's minibatch gives the update: ``shared`` = (loss, probe
-        gradient, object power), which the workers add up; ``pixels`` = (the windows'
-        pixels (L, 2) [row, col], their terms (L, 3): the object gradient and the
-        preconditioner's share), which the workers pool; and the gradient of its own
-        positions."""
+        gradient, object power), which the workers add up; ``pixels`` = (the tiles under
+        the windows (L, 2) [row, col], their terms (L, TILE, TILE, 3): the object
+        gradient and the preconditioner's share), which the workers pool; and the
+        gradient of its own positions."""
         options = self.options
         wrt = (
             ["canvas"]
@@ -900,7 +901,8 @@ class Refiner:
     def _apply_impl(self, index, shared, pixels, gradient, object_step, position_step, probe_step):
         """The update of the (global) minibatch from the workers' summed ``shared``
         terms, their pooled window ``pixels`` and this worker's positions' ``gradient``;
-        returns the loss. The object changes at the windows' pixels only."""
+        returns the loss. The object changes on the tiles under the windows only (every
+        tile with ``dense``)."""
         options = self.options
         loss, grad_probe, object_power = shared
         size = tf.cast(tf.shape(index)[0] * self.workers, tf.float32)  # the global minibatch

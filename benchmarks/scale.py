@@ -490,7 +490,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--keep",
         type=Path,
-        help="a folder whose scans (scan_<patterns>.h5) are reused, or written and kept",
+        help="a folder whose scans (these patterns, --n, --step) are reused, or written and kept",
     )
     parser.add_argument("--plot", type=Path, help="plot a results file (.jsonl) to .png")
     parser.add_argument("--workers", type=int, help="1 vs 2 local workers at this size")
@@ -527,7 +527,7 @@ def main(argv=None) -> int:
             if args.scan:
                 _entry_points(args.scan, m, args, Path(folder))
                 break
-            path = (args.keep or Path(folder)) / f"scan_{m}.h5"
+            path = (args.keep or Path(folder)) / f"scan_{m}_n{args.n}_step{args.step:g}.h5"
             if not (args.keep and path.exists()):
                 begin = time.perf_counter()
                 write_scan(path, m, args.n, args.step)

@@ -350,11 +350,20 @@ def _tiled(array: np.ndarray, tiles: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(shaped, np.float32)
 
 
-def _untiled(tiles: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W, C) of ``tiles`` (rows, cols, TILE, TILE, C), cut to ``shape``."""
+def _untiled(tiles):
+    """(rows x TILE, cols x TILE, C) tensor of ``tiles`` (rows, cols, TILE, TILE, C)."""
     rows, cols, _, _, channels = tiles.shape
-    whole = tiles.transpose(0, 2, 1, 3, 4).reshape(rows * TILE, cols * TILE, channels)
-    return whole[: shape[0], : shape[1]]
+    whole = tf.transpose(tiles, (0, 2, 1, 3, 4))
+    return tf.reshape(whole, (rows * TILE, cols * TILE, channels))
+
+
+def _owed_momentum(momentum: float, lag):
+    """``(carried, decay)`` of ``lag`` updates of heavy-ball momentum on a pixel no
+    gradient reached: ``O -= carried v`` (``mu + mu^2 + ... + mu^lag``) and ``v *=
+    decay`` (``mu^lag``), each with three trailing unit axes (a tile's pixels)."""
+    decay = tf.pow(tf.constant(momentum, tf.float32), tf.cast(lag, tf.float32))
+    decay = decay[..., None, None, None]
+    return momentum * (1.0 - decay) / (1.0 - momentum), decay
 
 
 def _fft_order(array: np.ndarray) -> np.ndarray:
@@ -648,19 +657,13 @@ class Refiner:
         velocity = tf.gather_nd(tf.convert_to_tensor(self.velocity), tiles)
         if self.dense:  # every tile moves at every step: none is behind
             return canvas, velocity
-        momentum = self.options.momentum
         lag = self.updates - tf.gather_nd(tf.convert_to_tensor(self.touched), tiles)
-        decay = tf.pow(tf.constant(momentum, tf.float32), tf.cast(lag, tf.float32))
-        decay = decay[..., None, None, None]
-        carried = momentum * (1.0 - decay) / (1.0 - momentum)
+        carried, decay = _owed_momentum(self.options.momentum, lag)
         return canvas - carried * velocity, decay * velocity
 
     def _flush_impl(self):
         """Every tile brought up to date (:meth:`_caught_up` of the whole canvas)."""
-        momentum = self.options.momentum
-        lag = tf.cast(self.updates - self.touched, tf.float32)
-        decay = tf.pow(tf.constant(momentum, tf.float32), lag)[..., None, None, None]
-        carried = momentum * (1.0 - decay) / (1.0 - momentum)
+        carried, decay = _owed_momentum(self.options.momentum, self.updates - self.touched)
         self.canvas.assign_sub(carried * self.velocity)
         self.velocity.assign(decay * self.velocity)
         self.touched.assign(tf.fill(tf.shape(self.touched), self.updates))
@@ -673,7 +676,8 @@ class Refiner:
     def object_canvas(self) -> np.ndarray:
         """(H', W', 2) float32: the canvas (the frame and its margin), up to date."""
         self.flush()
-        return _untiled(self.canvas.numpy(), self.canvas_shape)
+        height, width = self.canvas_shape
+        return _untiled(self.canvas).numpy()[:height, :width]
 
     def set_object_canvas(self, canvas: np.ndarray) -> None:
         """Replace the canvas (H', W', 2) (its momentum kept)."""
@@ -699,15 +703,11 @@ class Refiner:
         options = self.options
         rows, cols = self.tiles
         share = options.smoothness * tf.cast(size, tf.float32) / self.scan.n_positions
-
-        def untiled(tiles):
-            whole = tf.transpose(tiles, (0, 2, 1, 3, 4))
-            return tf.reshape(whole, (1, rows * TILE, cols * TILE, tiles.shape[-1]))
-
-        canvas = untiled(tf.convert_to_tensor(self.canvas))
+        canvas = _untiled(tf.convert_to_tensor(self.canvas))[None]
         with tf.GradientTape() as tape:
             tape.watch(canvas)
-            roughness, incident = _window_prior(canvas, untiled(self.prior_weights))
+            weights = _untiled(tf.convert_to_tensor(self.prior_weights))[None]
+            roughness, incident = _window_prior(canvas, weights)
         terms = tf.concat([tape.gradient(roughness, canvas), 2.0 * incident[..., None]], -1)
         terms = tf.reshape(share * terms[0], (rows, TILE, cols, TILE, 3))
         return share * roughness, tf.transpose(terms, (0, 2, 1, 3, 4))
@@ -838,11 +838,8 @@ class Refiner:
         if self.options.smoothness and self.dense:
             roughness, terms = self._canvas_prior(tf.shape(index)[0])
             loss, grad_tiles = loss + roughness, grad_tiles + terms[..., :2]
-        rows, cols = self.tiles
-        grad_canvas = tf.reshape(
-            tf.transpose(grad_tiles, (0, 2, 1, 3, 4)), (rows * TILE, cols * TILE, 2)
-        )[: self.canvas_shape[0], : self.canvas_shape[1]]
-        return loss, [grad_canvas, *rest]
+        height, width = self.canvas_shape
+        return loss, [_untiled(grad_tiles)[:height, :width], *rest]
 
     def _step(self, index, counts, weight, *steps):
         """One minibatch update of every variable being refined (steps 0 leave one

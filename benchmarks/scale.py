@@ -27,7 +27,11 @@ resident memory (VmHWM, the whole process: Python, TensorFlow, the model):
     evaluation pass (``--refine-batch``: ``refine.batch_size``, default 64).
 
 ``--compare M`` runs each task on one scan of M patterns with the patterns in memory
-and streamed, alternately, ``--repeats`` times, and reports the median ratio.
+and streamed, alternately, ``--repeats`` times, and reports the median ratio. Inference
+and refinement alternate fresh processes; training alternates the two datasets feeding
+one compiled model in one process (``--compile``: graph, the CPU default, and jit), and
+its medians count only the calls that kept the machine's cores busy (each call reports
+``cores_busy``; docs/benchmarks.md says why).
 
 ``--workers M`` runs inference and refinement (``refine=object``, ``--iterations``) on
 one scan of M patterns by 1 and by 2 worker processes on localhost
@@ -159,18 +163,21 @@ def child(task: str, path: str, stream: bool, steps: int, refine_batch: int) -> 
 
         factor = normalisation_factor(scan.diffraction)
         model, _ = build_model(config, probe=scan.probe, norm_factor=factor)
-        begin = time.perf_counter()
+        since, begin = os.times(), time.perf_counter()
         result = reconstruct(model, scan, compile_mode="jit", batch_size=64, groups="tile")
-        record.update(seconds=time.perf_counter() - begin, groups=result.groups)
+        seconds = time.perf_counter() - begin
+        record.update(seconds=seconds, groups=result.groups, cores_busy=cpu_use(since, seconds))
     else:
         from ptycho.refine import RefineOptions, Refiner
 
-        begin = time.perf_counter()
+        since, begin = os.times(), time.perf_counter()
         options = RefineOptions(mode="object", iterations=1, eval_every=1, batch_size=refine_batch)
         refiner = Refiner(scan, options)
         result = refiner.run()
+        seconds = time.perf_counter() - begin
         record.update(
-            seconds=time.perf_counter() - begin,
+            seconds=seconds,
+            cores_busy=cpu_use(since, seconds),
             r_factor=result.r_factor,
             batch_size=refine_batch,
             dense=refiner.dense,
@@ -209,6 +216,60 @@ def _train(scan, config, steps: int) -> dict:
         "samples_per_s": batch / per_step,
         "extrapolated": steps < epoch_steps,
     }
+
+
+def cpu_use(since: os.times_result, seconds: float) -> float:
+    """Cores this process kept busy on average since ``since`` (user + system time over
+    wall time)."""
+    now = os.times()
+    return (now.user + now.system - since.user - since.system) / seconds
+
+
+def train_pair(path: str, steps: int, rounds: int, mode: str) -> list[dict]:
+    """Training in memory and streamed side by side in one process: one model, its
+    steps compiled once, ``rounds`` rounds of ``steps`` steps fed by each dataset in
+    turn (the one that goes first alternates). Each call reports its rate and the cores
+    the process kept busy (see ``_compare``)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from ptycho.data import load_scan, make_dataset
+    from ptycho.data.grouping import group_positions
+    from ptycho.data.pipeline import normalisation_factor
+    from ptycho.data.prepare import PrepareOptions
+    from ptycho.model import ModelConfig, build_model, compile_model
+
+    batch, datasets = 16, {}
+    for stream in (False, True):
+        scan = load_scan(path, options=PrepareOptions(stream=stream))
+        config = ModelConfig(n=scan.n).resolved(mode)
+        groups = group_positions(scan.xcoords, scan.ycoords, config.gridsize)
+        factor = normalisation_factor(scan.diffraction)
+        datasets[stream] = make_dataset(
+            scan, groups, norm_factor=factor, batch_size=batch, drop_remainder=True, epochs=None
+        )
+    keras.utils.set_random_seed(0)
+    model, _ = build_model(config, probe=scan.probe, norm_factor=factor)
+    compile_model(model, mode)
+    for dataset in datasets.values():  # trace, compile, start each pipeline once
+        model.fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)
+    records = []
+    for round_ in range(rounds):
+        for stream in (False, True) if round_ % 2 == 0 else (True, False):
+            since, tick = os.times(), time.perf_counter()
+            model.fit(datasets[stream], epochs=1, steps_per_epoch=steps, verbose=0)
+            seconds = time.perf_counter() - tick
+            records.append(
+                {
+                    "streamed": stream,
+                    "compile": mode,
+                    "round": round_,
+                    "steps": steps,
+                    "samples_per_s": batch * steps / seconds,
+                    "cores_busy": cpu_use(since, seconds),
+                }
+            )
+    return records
 
 
 def worker_child(task: str, path: str, iterations: int, out: str) -> dict:
@@ -502,12 +563,24 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--refine-batch", type=int, default=64, help="refine.batch_size of the refine task"
     )
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        choices=("graph", "jit"),
+        default=["graph", "jit"],
+        help="training's compile modes (--compare)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--train-pair", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--worker-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_child:
         task, path, iterations, out = args.worker_child
         print(json.dumps(worker_child(task, path, int(iterations), out)), flush=True)
+        return 0
+    if args.train_pair:
+        path, steps, rounds, mode = args.train_pair
+        print(json.dumps(train_pair(path, int(steps), int(rounds), mode)), flush=True)
         return 0
     if args.child:
         task, path, stream, steps, *batch = args.child
@@ -596,6 +669,10 @@ def _workers(path: Path, args, folder: Path) -> None:
 
 
 def _compare(task: str, path: Path, m: int, args) -> None:
+    if task == "train":
+        for mode in args.compile:
+            _compare_training(path, m, mode, args)
+        return
     rates = {False: [], True: []}
     for _ in range(args.repeats):
         for stream in (False, True):
@@ -619,6 +696,53 @@ def _compare(task: str, path: Path, m: int, args) -> None:
         args.json,
     )
 
+
+def _compare_training(path: Path, m: int, mode: str, args) -> None:
+    """Training's rate in memory and streamed, from :func:`train_pair` in a process of
+    its own (:func:`training_ratio`)."""
+    command = [sys.executable, __file__, "--train-pair", str(path)]
+    result = subprocess.run(
+        [*command, str(args.train_steps), str(args.repeats), mode],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"training in memory and streamed failed:\n{result.stderr[-3000:]}")
+    records = json.loads(result.stdout.strip().splitlines()[-1])
+    for record in records:
+        emit({"kind": "run", "task": "train", "patterns": m, **record}, args.json)
+    row = {"kind": "compare", "task": "train", "patterns": m, **training_ratio(records)}
+    emit({**row, "cpu": cpu_name()}, args.json)
+
+
+def training_ratio(records: list[dict]) -> dict:
+    """The ``compare`` row of :func:`train_pair`'s calls: the median rates of the calls
+    that kept the cores about as busy as the busiest call did (within 5%), and of all
+    calls. On a machine whose scheduler now and then runs the compute threads of a
+    whole call on one core (docs/benchmarks.md) such a call runs at a fixed lower rate
+    whichever dataset feeds it; counted in, it would decide the ratio by chance."""
+    busiest = max(r["cores_busy"] for r in records)
+    spread = [r for r in records if r["cores_busy"] >= 0.95 * busiest]
+
+    def median(rows, stream):
+        rates = [r["samples_per_s"] for r in rows if r["streamed"] == stream]
+        return statistics.median(rates) if rates else None
+
+    memory, streamed = median(spread, False), median(spread, True)
+    return {
+        "compile": records[0]["compile"],
+        # seconds per step (batch 16), as the other tasks' rows give seconds
+        "memory_s": 16 / memory if memory else None,
+        "streamed_s": 16 / streamed if streamed else None,
+        "streamed_over_memory": memory / streamed if memory and streamed else None,
+        "all_calls_ratio": median(records, False) / median(records, True),
+        "repeats": len(records) // 2,
+        "calls_spread": {
+            "memory": sum(not r["streamed"] for r in spread),
+            "streamed": sum(r["streamed"] for r in spread),
+        },
+    }
 
 if __name__ == "__main__":
     sys.exit(main())

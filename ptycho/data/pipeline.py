@@ -221,9 +221,8 @@ def _streamed_batches(
     ]
     if scan.masked:
         signature.append(tf.TensorSpec((None, None, c, n, n), tf.bool))
-    # One Python call per window, not per batch: under XLA-compiled training steps a
-    # generator called per batch held training to 117 samples/s, per window 144-148,
-    # in memory 183 (docs/large-scans.md).
+    # One Python call per window (its batches stacked), not one per batch: fewer trips
+    # through the interpreter holding the GIL beside the training loop.
     stream = tf.data.Dataset.from_generator(generate, output_signature=tuple(signature))
     batches = stream.unbatch()
     if drop_remainder:

@@ -38,7 +38,7 @@ from ptycho.inference import NetworkReconstruction, ScanMismatch, model_geometry
 from ptycho.model import PATTERN_SIZES, ModelConfig
 from ptycho.outputs import save_model
 from ptycho.reconstruction import Reconstruction
-from ptycho.refine import RefineMode, RefineResult
+from ptycho.refine import RefineMode, RefineResult, RefineState
 from ptycho.scoring import Scorer
 from ptycho.stages import fit, refine
 from ptycho.stages.evaluate import NetworkEvaluation, log_evaluation, log_scalars
@@ -59,6 +59,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
     check_train(config)
     run_dir = Path(run_dir)
     resumed = checkpoints.resume(run_dir, config.resume)
+    refinement = _unfinished_refinement(config, run_dir)
     distribution = distribution or make_distribution(config.distribute)
     stages = resolve_compile(config.compile.mode, config.translate.backend)
     keras.utils.set_random_seed(config.train.seed)
@@ -108,7 +109,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
         reconstructed = time.perf_counter()
         network = evaluation(fitted.model, step=fitted.epochs, final=True)
         save_model(fitted.model, run_dir / "model.keras")  # before refining: kept if it fails
-        refined = _refine(config, scorer, network, stages.refine, writer, run_dir)
+        refined = _refine(config, scorer, network, stages.refine, writer, run_dir, refinement)
         summary = {
             **_stage_metrics(network, refined),
             "seconds": time.perf_counter() - reconstructed,
@@ -123,6 +124,7 @@ def train(config: TrainConfig, run_dir: Path, distribution: Distribution | None 
         log_scalars(writer, "final", _speed(summary), fitted.epochs)
         final = refined or network
         write_run(run_dir, final, scorer, _label(config, final), summary, config.outputs)
+        checkpoints.clear_refinement(run_dir)
     log.info("%s", headline(final, _label(config, final)))
     log.info("wrote %s (%.0f s)", run_dir, summary["wall_seconds"])
     return summary
@@ -139,6 +141,9 @@ def infer(config: InferConfig, run_dir: Path, distribution: Distribution | None 
     check_infer(config)
     distribution = distribution or make_distribution(config.distribute)
     run_dir = Path(run_dir)
+    refinement = _unfinished_refinement(config, run_dir)
+    if config.resume and refinement is None:
+        log.warning("resume=true but %s holds no unfinished refinement: starting afresh", run_dir)
     stages = resolve_compile(config.compile.mode, config.translate.backend)
     backend = config.translate.backend
     model = checkpoints.load_trained(config.checkpoint, backend) if config.checkpoint else None
@@ -153,11 +158,15 @@ def infer(config: InferConfig, run_dir: Path, distribution: Distribution | None 
         except ScanMismatch as error:
             raise DataError(f"{config.data.path or 'data'}: {error}") from error
     if not distribution.chief:  # the chief writes the run
-        refined = _refine(config, scorer, network, stages.refine, None, None, distribution)
+        refined = _refine(
+            config, scorer, network, stages.refine, None, None, refinement, distribution
+        )
         log.info("worker %d: reconstruction done", distribution.worker)
         return {"worker": distribution.worker, **_stage_metrics(network, refined)}
     with _writer(run_dir) as writer:  # the inputs are accepted
-        refined = _refine(config, scorer, network, stages.refine, writer, run_dir, distribution)
+        refined = _refine(
+            config, scorer, network, stages.refine, writer, run_dir, refinement, distribution
+        )
         summary = {
             **_stage_metrics(network, refined),
             "patterns": scan.n_positions,
@@ -176,6 +185,7 @@ def infer(config: InferConfig, run_dir: Path, distribution: Distribution | None 
             log_evaluation(writer, network, scorer, step=0, final=True)
         final = refined or network
         write_run(run_dir, final, scorer, _label(config, final), summary, config.outputs)
+        checkpoints.clear_refinement(run_dir)
     log.info(
         "reconstructed %d patterns in %.1f s; %s",
         scan.n_positions,
@@ -305,6 +315,14 @@ def _worker_done(distribution: Distribution, fitted: fit.Fitted, out_dir: Path, 
     return {"epochs": fitted.epochs, "worker": distribution.worker}
 
 
+def _unfinished_refinement(config: RunConfig, run_dir: Path) -> RefineState | None:
+    """The refinement ``resume=true`` continues (:func:`ptycho.checkpoints.refinement`:
+    refused without it, or with other refine settings), read before anything is done."""
+    if config.refine.mode == RefineMode.off:
+        return None
+    return checkpoints.refinement(run_dir, config.resume, config.refine)
+
+
 def _refine(
     config: RunConfig,
     scorer: Scorer,
@@ -312,8 +330,11 @@ def _refine(
     compile_mode: str,
     writer,
     run_dir: Path | None,
+    resume: RefineState | None = None,
     distribution: Distribution | None = None,
 ) -> RefineResult | None:
+    """The refinement stage; ``run_dir``: the chief's run folder (the curves and the
+    refinement's checkpoints go there), None on the other workers."""
     if config.refine.mode == RefineMode.off:
         return None
     return refine.run(
@@ -325,6 +346,8 @@ def _refine(
         writer=writer,
         curves=None if run_dir is None else run_dir / "refine.png",
         distribution=distribution,
+        resume=resume,
+        checkpoint_dir=run_dir,
     )
 
 

@@ -75,6 +75,9 @@ class RunConfig:
     distribute: DistributeOptions = field(default_factory=DistributeOptions)
     verbose: bool = False
     """Debug logs and TensorFlow's native start-up notices."""
+    resume: bool = False
+    """Continue the run in ``hydra.run.dir`` from its ``checkpoints/``: training from its
+    last epoch, an unfinished refinement from its last checkpoint."""
 
 
 @dataclass
@@ -83,8 +86,6 @@ class TrainConfig(RunConfig):
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: FitOptions = field(default_factory=FitOptions)
-    resume: bool = False
-    """Continue the run in ``hydra.run.dir`` from its ``checkpoints/``."""
 
 
 @dataclass

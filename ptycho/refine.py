@@ -64,7 +64,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -85,7 +85,9 @@ __all__ = [
     "RefineMode",
     "RefineOptions",
     "RefineResult",
+    "RefineState",
     "Refiner",
+    "StateMismatch",
     "Subpixel",
     "amplitude_loss",
     "poisson_loss",
@@ -168,6 +170,10 @@ class RefineOptions:
     """Iterations between progress points (terminal, TensorBoard, ``refine.png``)."""
     seed: int = 0
     """Order of the minibatches."""
+    checkpoint_seconds: float | None = 60.0
+    """Seconds between checkpoints of the refinement in the run folder
+    (``checkpoints/refine.npz``, after the iteration that crosses them; ``resume=true``
+    continues from the last): 0 after every iteration, null none."""
 
     def check(self) -> None:
         """``ValueError`` naming the first field out of range."""
@@ -210,6 +216,10 @@ class RefineOptions:
                 (self.position_start >= 0, f"position_start={self.position_start}: must be >= 0"),
                 (self.probe_start >= 0, f"probe_start={self.probe_start}: must be >= 0"),
                 (self.eval_every >= 1, f"eval_every={self.eval_every}: must be >= 1"),
+                (
+                    self.checkpoint_seconds is None or self.checkpoint_seconds >= 0,
+                    f"checkpoint_seconds={self.checkpoint_seconds}: must be >= 0 or null",
+                ),
             ]
         )
 
@@ -260,6 +270,67 @@ class RefineResult(Reconstruction):
     iterations: int
     mode: str
     history: list = field(default_factory=list)
+
+
+# Options that may differ when a refinement is continued: they change what is reported
+# or when it stops, not the steps.
+RESUMABLE = ("max_seconds", "eval_every", "checkpoint_seconds")
+# The variables that hold a refinement's progress (RefineState.arrays).
+STATE_VARIABLES = (
+    "canvas",
+    "velocity",
+    "updates",
+    "touched",
+    "correction",
+    "position_rms",
+    "probe",
+)
+
+
+@dataclass
+class RefineState:
+    """Where a refinement stands after an iteration, enough to continue it as if it
+    had not stopped (:meth:`Refiner.state`, :meth:`Refiner.run` ``resume``; written and
+    read by :mod:`ptycho.checkpoints`)."""
+
+    iteration: int
+    """Iterations done."""
+    seconds: float
+    history: list
+    """The progress records so far."""
+    rng: dict
+    """The minibatch order's generator state."""
+    arrays: dict
+    """:data:`STATE_VARIABLES` (the tiles' momentum still owed with them: ``touched``
+    and ``updates``) and ``probe_units`` (the fitted count scale)."""
+    key: dict
+    """What must match to continue (:meth:`Refiner.key`)."""
+
+
+class StateMismatch(ValueError):
+    """A saved :class:`RefineState` belongs to another refinement (says what differs)."""
+
+
+def options_key(options: RefineOptions) -> dict:
+    """The options a continued refinement must share with the one that saved its state:
+    all but :data:`RESUMABLE`, as JSON values."""
+    return {
+        name: str(value) if isinstance(value, StrEnum) else value
+        for name, value in asdict(options).items()
+        if name not in RESUMABLE
+    }
+
+
+def check_options(saved: dict, options: RefineOptions) -> None:
+    """:class:`StateMismatch` naming the settings that differ between a saved state's
+    options (:func:`options_key`) and ``options``."""
+    changed = [
+        f"refine.{name}={saved.get(name)} then, {value} now"
+        for name, value in options_key(options).items()
+        if saved.get(name) != value
+    ]
+    if changed:
+        raise StateMismatch(f"it was written with other settings ({'; '.join(changed)})")
 
 
 def poisson_loss(intensity, counts, truncation: float):
@@ -1086,24 +1157,72 @@ class Refiner:
         mask = coverage > 1e-3 * probes.intensity(probe).max()
         return np.where(mask, obj, 0).astype(np.complex64), mask
 
-    def run(self, *, score=None, true_positions=None, on_record=None) -> RefineResult:
+    def key(self) -> dict:
+        """What a saved state must share with this refinement to continue it: the scan's
+        size, the canvas and the options (:func:`options_key`)."""
+        return {
+            "patterns": self.scan.n_positions,
+            "n": self.n,
+            "canvas": list(self.canvas_shape),
+            "modes": self.modes,
+            "options": options_key(self.options),
+        }
+
+    def state(self, iteration: int, seconds: float, history: list, rng) -> RefineState:
+        """This refinement after ``iteration`` iterations (``rng``: the minibatch
+        order's generator)."""
+        arrays = {name: getattr(self, name).numpy() for name in STATE_VARIABLES}
+        arrays["probe_units"] = np.float64(self.probe_units)
+        return RefineState(
+            iteration, seconds, list(history), rng.bit_generator.state, arrays, self.key()
+        )
+
+    def _restore(self, state: RefineState) -> None:
+        """Take over ``state``'s variables (:class:`StateMismatch` naming what differs
+        when it belongs to another refinement)."""
+        key = self.key()
+        for name in ("patterns", "n", "canvas", "modes"):
+            if state.key.get(name) != key[name]:
+                raise StateMismatch(
+                    f"it was written for {name} {state.key.get(name)}, this refinement has "
+                    f"{key[name]}"
+                )
+        check_options(state.key["options"], self.options)
+        for name in STATE_VARIABLES:
+            getattr(self, name).assign(state.arrays[name])
+        self.probe_units = float(state.arrays["probe_units"])
+        self._update_prior_weights()  # of the saved positions
+
+    def run(
+        self, *, score=None, true_positions=None, on_record=None, resume=None, on_checkpoint=None
+    ) -> RefineResult:
         """Refine for ``options.iterations`` (or until ``options.max_seconds``).
 
         ``score(obj) -> dict`` adds ground-truth metrics to the progress records (its
         time is not counted); ``true_positions`` (M, 2) adds the rms position error
         after removing the common shift; ``on_record(record)`` receives each record
         (iteration, seconds, loss, r_factor, ...), every ``options.eval_every``
-        iterations and at the end.
+        iterations and at the end. ``resume``: a :class:`RefineState` to continue from
+        (the same steps as if the run had not stopped); ``on_checkpoint(state)``
+        receives the state after the iteration that crosses every
+        ``options.checkpoint_seconds`` (not after the last).
         """
         options = self.options
         rng = np.random.default_rng(options.seed)
-        history, seconds, done = [], 0.0, 0
         started = time.perf_counter()
-        history.append(self._record(0, 0.0, score, true_positions))
-        history[-1].pop("_pass_seconds")
-        if on_record:
-            on_record(history[-1])
-        for iteration in range(options.iterations):
+        if resume is not None:
+            self._restore(resume)
+            rng.bit_generator.state = resume.rng
+            history, seconds, done = list(resume.history), resume.seconds, resume.iteration
+            log.info("refinement resumed after iteration %d", done)
+        else:
+            history, seconds, done = [], 0.0, 0
+            history.append(self._record(0, 0.0, score, true_positions))
+            history[-1].pop("_pass_seconds")
+            if on_record:
+                on_record(history[-1])
+        saved = time.perf_counter()
+        for iteration in range(done, options.iterations):
             begin = time.perf_counter()
             fraction = iteration / options.iterations
             object_step = _cosine(options.step, options.final_step, fraction)
@@ -1150,6 +1269,11 @@ class Refiner:
                     on_record(record)
             if out_of_time:
                 break
+            every = options.checkpoint_seconds
+            due = every is not None and time.perf_counter() - saved >= every
+            if on_checkpoint and due and done < options.iterations:
+                on_checkpoint(self.state(done, seconds, history, rng))
+                saved = time.perf_counter()
         obj, mask = self.current_object()
         positions = self.positions()
         final = history[-1]

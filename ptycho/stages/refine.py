@@ -11,12 +11,19 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from ptycho import figures, probes
+from ptycho import checkpoints, figures, probes
 from ptycho.data.scan import Scan
-from ptycho.errors import TrainingDiverged
+from ptycho.errors import ConfigError, Interrupted, TrainingDiverged
 from ptycho.progress import Progress
 from ptycho.reconstruction import Reconstruction
-from ptycho.refine import RefineMode, RefineOptions, Refiner, RefineResult
+from ptycho.refine import (
+    RefineMode,
+    RefineOptions,
+    Refiner,
+    RefineResult,
+    RefineState,
+    StateMismatch,
+)
 from ptycho.scoring import Scorer
 from ptycho.stages.evaluate import log_scalars
 
@@ -37,6 +44,8 @@ def run(
     stream=None,
     tag: str = "refine",
     distribution=None,
+    resume: RefineState | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> RefineResult:
     """Refine ``scorer.scan`` from ``start`` (None: a flat object; the amplitude of
     ``start`` with a flat phase unless ``options.network_phase``).
@@ -47,7 +56,11 @@ def run(
     point's: R-factor, Poisson NLL, ground truth (when known) and the position error
     (when the true positions are known). A diverged refinement raises
     :class:`TrainingDiverged`. ``distribution``: workers sharing every step
-    (:class:`ptycho.refine.Refiner`).
+    (:class:`ptycho.refine.Refiner`). ``resume``: the state to continue from
+    (:func:`ptycho.checkpoints.refinement`); ``checkpoint_dir``: the run folder whose
+    ``checkpoints/refine.npz`` is written every ``options.checkpoint_seconds`` (None:
+    none; the chief's alone). Ctrl-C raises :class:`Interrupted` naming the iteration
+    a ``resume=true`` continues from.
     """
     scan = scorer.scan
     initial, described = _start(start, options)
@@ -72,14 +85,27 @@ def run(
             if options.refines_probe or refiner.modes > 1:
                 _log_modes(writer, tag, refiner.current_probe(), record["iteration"])
 
+    saved = [resume.iteration if resume else None]
+
+    def on_checkpoint(state: RefineState) -> None:
+        checkpoints.save_refinement(checkpoint_dir, state)
+        saved[0] = state.iteration
+
     try:
         result = refiner.run(
             score=scorer.truth if scorer.has_truth else None,
             true_positions=scan.metadata.get("true_positions"),
             on_record=on_record,
+            resume=resume,
+            on_checkpoint=None if checkpoint_dir is None else on_checkpoint,
         )
+    except StateMismatch as error:
+        path = checkpoints.refinement_path(checkpoint_dir or ".")
+        raise ConfigError(f"{path}: cannot continue this refinement: {error}") from error
     except FloatingPointError as error:
         raise TrainingDiverged(str(error)) from error
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(checkpoint_dir, saved[0])) from None
     finally:
         progress.close()
         if writer is not None:
@@ -95,6 +121,17 @@ def run(
             result.history, curves, title=f"refine={options.mode}", probe=result.probe
         )
     return result
+
+
+def _interrupted(run_dir: Path | None, iteration: int | None) -> str:
+    """What a Ctrl-C during the refinement kept, and how to continue."""
+    if run_dir is None or iteration is None:
+        return "Ctrl-C during the refinement: no results written; run it again"
+    return (
+        f"Ctrl-C during the refinement: no results written; {run_dir}/"
+        f"{checkpoints.FOLDER}/{checkpoints.REFINEMENT} holds iteration {iteration}: "
+        f"rerun the same command plus hydra.run.dir={run_dir} resume=true to continue"
+    )
 
 
 def _start(start: Reconstruction | None, options: RefineOptions):

@@ -401,6 +401,65 @@ def test_patches_reaching_beyond_the_frame_are_refined_too():
     assert np.abs(result.obj[result.mask] - same).max() < 1e-4
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_refinement_continued_from_a_checkpoint_takes_the_same_steps(tmp_path, dense):
+    """Stopped after iteration 3 of 6 and continued in a new Refiner from the file the
+    checkpoint wrote, the refinement ends where the uninterrupted one does: object,
+    positions, probe and every progress record (refine=full moves all of them; the
+    sparse step also leaves momentum owed to tiles it did not touch)."""
+    from ptycho import checkpoints
+
+    scan = small_scan(nphotons=1e6)
+    settings = options(
+        mode="full",
+        iterations=6,
+        batch_size=8,
+        position_start=1,
+        probe_start=1,
+        eval_every=2,
+        checkpoint_seconds=0.0,  # after every iteration
+    )
+    states = []
+    whole = Refiner(scan, settings, dense=dense).run(on_checkpoint=states.append)
+    assert [state.iteration for state in states] == [1, 2, 3, 4, 5]  # none after the last
+    checkpoints.save_refinement(tmp_path, states[2])
+    saved = checkpoints.refinement(tmp_path, True, settings)
+    resumed = Refiner(scan, settings, dense=dense).run(resume=saved)
+    assert resumed.iterations == 6
+    np.testing.assert_array_equal(resumed.obj, whole.obj)
+    np.testing.assert_array_equal(resumed.probe, whole.probe)
+    np.testing.assert_array_equal(resumed.xcoords, whole.xcoords)
+    for mine, theirs in zip(resumed.history, whole.history, strict=True):
+        assert {k: v for k, v in mine.items() if k != "seconds"} == {
+            k: v for k, v in theirs.items() if k != "seconds"
+        }
+    assert np.abs(whole.xcoords - scan.xcoords).max() > 1e-3  # the positions moved
+
+
+def test_a_checkpoint_of_other_settings_or_another_scan_is_refused(tmp_path):
+    from ptycho import checkpoints
+    from ptycho.errors import ConfigError
+    from ptycho.refine import StateMismatch
+
+    scan = small_scan(nphotons=1e6)
+    settings = options(iterations=3, batch_size=8, checkpoint_seconds=0.0)
+    states = []
+    Refiner(scan, settings).run(on_checkpoint=states.append)
+    checkpoints.save_refinement(tmp_path, states[0])
+    with pytest.raises(ConfigError, match="resume=true"):
+        checkpoints.refinement(tmp_path, False, settings)
+    with pytest.raises(ConfigError, match=r"refine\.batch_size=8 then, 16 now"):
+        checkpoints.refinement(tmp_path, True, options(iterations=3, batch_size=16))
+    other = small_scan(nphotons=1e6, n_positions=49)
+    with pytest.raises(StateMismatch, match="patterns 64, this refinement has 49"):
+        Refiner(other, settings).run(resume=checkpoints.refinement(tmp_path, True, settings))
+    # max_seconds, eval_every and checkpoint_seconds may change
+    assert checkpoints.refinement(tmp_path, True, options(iterations=3, batch_size=8, eval_every=9))
+    checkpoints.refinement_path(tmp_path).write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="cannot read the refinement checkpoint"):
+        checkpoints.refinement(tmp_path, True, settings)
+
+
 def test_max_seconds_stops_after_the_iteration_that_crosses_it():
     scan = small_scan(nphotons=1e7)
     result = Refiner(scan, options(iterations=50, batch_size=16, max_seconds=1e-6)).run()

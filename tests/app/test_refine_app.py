@@ -47,6 +47,69 @@ def test_infer_without_a_checkpoint_is_an_iterative_reconstruction(tmp_path):
         assert len(tags[tag]) == 3, tag  # iterations 0, 2, 4
 
 
+RESUMABLE_REFINEMENT = [
+    "data=grf",
+    "data.test_positions=49",
+    "data.position_error=1.0",
+    "refine=positions",
+    "refine.iterations=5",
+    "refine.eval_every=1",
+    "refine.batch_size=16",
+    "refine.checkpoint_seconds=0",
+]
+
+
+def test_a_refinement_stopped_by_ctrl_c_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Ctrl-C in iteration 3: one line naming the checkpoint of iteration 2 and
+    ``resume=true``, no results; the folder is refused without ``resume=true`` and with
+    other refine settings; continued, the run writes what an uninterrupted run writes
+    and removes the checkpoint."""
+    from ptycho.errors import Interrupted
+    from ptycho.refine import Refiner
+
+    whole = app.infer(make_config("infer", RESUMABLE_REFINEMENT), tmp_path / "whole")
+    assert not (tmp_path / "whole" / "checkpoints" / "refine.npz").exists()
+
+    run_dir = tmp_path / "stopped"
+    record = Refiner._record
+
+    def interrupted_in_iteration_3(self, iteration, *args, **kwargs):
+        if iteration == 3:
+            raise KeyboardInterrupt
+        return record(self, iteration, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Refiner, "_record", interrupted_in_iteration_3)
+        with pytest.raises(Interrupted) as stopped:
+            app.infer(make_config("infer", RESUMABLE_REFINEMENT), run_dir)
+    message = str(stopped.value)
+    assert "holds iteration 2" in message and f"hydra.run.dir={run_dir} resume=true" in message
+    assert not (run_dir / "metrics.json").exists()
+    with pytest.raises(ConfigError, match="resume=true"):
+        app.infer(make_config("infer", RESUMABLE_REFINEMENT), run_dir)
+    other = [*RESUMABLE_REFINEMENT, "refine.step=0.5", "resume=true"]
+    with pytest.raises(ConfigError, match=r"refine\.step=1\.0 then, 0\.5 now"):
+        app.infer(make_config("infer", other), run_dir)
+
+    passes = []
+
+    def counted(self, iteration, *args, **kwargs):
+        passes.append(iteration)
+        return record(self, iteration, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Refiner, "_record", counted)
+        resumed = app.infer(make_config("infer", [*RESUMABLE_REFINEMENT, "resume=true"]), run_dir)
+    assert passes == [3, 4, 5]  # iterations 1 and 2 were not run again
+    for key in ("refine_iterations", "r_factor", "amp_ssim", "phase_ssim", "position_rmse"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-5), key
+    objects = [
+        np.load(folder / "reconstruction.npz")["obj"] for folder in (tmp_path / "whole", run_dir)
+    ]
+    np.testing.assert_allclose(objects[1], objects[0], atol=1e-5 * np.abs(objects[0]).max())
+    assert not (run_dir / "checkpoints" / "refine.npz").exists()
+
+
 def test_train_keeps_the_networks_figures_beside_the_refined_ones(tmp_path):
     cfg = make_config(overrides=["debug=smoke", "refine=object", "refine.iterations=2"])
     summary = app.train(cfg, tmp_path)

@@ -1,8 +1,8 @@
 """Reconstruction, refinement and faults across worker processes on localhost
 (``distribute=multiworker``, ``TF_CONFIG``): two workers reconstruct and refine a scan
-as one does, a worker killed mid-epoch stops the other within the collective timeout
-with one line naming it (the run then resumes), and a Ctrl-C on one worker stops both
-after the same step."""
+as one does, a worker killed mid-epoch or mid-refinement stops the other within the
+collective timeout with one line naming it (the run then resumes), and a Ctrl-C on one
+worker stops both after the same step."""
 
 from __future__ import annotations
 
@@ -82,6 +82,50 @@ def test_two_workers_reconstruct_and_refine_a_scan_as_one(tmp_path, scan_file):
     objects = [np.load(tmp_path / k / "reconstruction.npz")["obj"] for k in ("one", "two")]
     np.testing.assert_allclose(objects[1], objects[0], atol=1e-4 * np.abs(objects[0]).max())
     assert not list(tmp_path.glob("ptycho-worker*"))
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_refinement_stops_the_other_and_the_refinement_resumes(
+    tmp_path, scan_file
+):
+    """Worker 1 killed as iteration 3 ends: the chief stops within the collective
+    timeout naming it, keeps the checkpoint of iteration 2 and writes no results; both
+    started again with resume=true continue from iteration 2 and finish, the
+    checkpoint removed once the results are written."""
+    run_dir = tmp_path / "run"
+    args = [
+        "infer.py",
+        "data=npz",
+        f"data.path={scan_file}",
+        "refine=object",
+        "refine.iterations=5",
+        "refine.eval_every=1",
+        "refine.checkpoint_seconds=0",
+        "refine.batch_size=16",
+        f"hydra.run.dir={run_dir}",
+    ]
+    processes, workers = start_workers(
+        2, *args, tmp_path=tmp_path, first=("tests/e2e/kill_at_iteration.py", "3")
+    )
+    processes[1].wait(timeout=600)
+    killed_at = time.monotonic()
+    _, stderr = processes[0].communicate(timeout=600)
+    assert processes[1].returncode == -9
+    assert processes[0].returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: worker 1 ({workers[1]})"), stderr
+    assert time.monotonic() - killed_at < COLLECTIVE_TIMEOUT_S + 30
+    assert not (run_dir / "metrics.json").exists()
+    saved = np.load(run_dir / "checkpoints" / "refine.npz")
+    assert json.loads(str(saved["header"]))["iteration"] == 2
+
+    processes, _ = start_workers(2, *args, "resume=true", tmp_path=tmp_path)
+    for process, (_, stderr) in zip(processes, finish(processes), strict=True):
+        assert process.returncode == 0, stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["refine_iterations"] == 5 and metrics["workers"] == 2
+    assert "continuing the refinement after iteration 2" in (run_dir / "infer.log").read_text()
+    assert not (run_dir / "checkpoints" / "refine.npz").exists()
 
 
 FAULT_RUN = [*SMOKE[1:], "data.n_positions=100", "train.epochs=3", "train.batch_size=8"]

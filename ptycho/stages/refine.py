@@ -126,9 +126,9 @@ def run(
 def _interrupted(run_dir: Path | None, iteration: int | None) -> str:
     """What a Ctrl-C during the refinement kept, and how to continue."""
     if run_dir is None or iteration is None:
-        return "Ctrl-C during the refinement: no results written; run it again"
+        return "Ctrl-C during the refinement, before the run's results were written: run it again"
     return (
-        f"Ctrl-C during the refinement: no results written; {run_dir}/"
+        f"Ctrl-C during the refinement, before the run's results were written; {run_dir}/"
         f"{checkpoints.FOLDER}/{checkpoints.REFINEMENT} holds iteration {iteration}: "
         f"rerun the same command plus hydra.run.dir={run_dir} resume=true to continue"
     )

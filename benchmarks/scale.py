@@ -14,11 +14,12 @@ photons. Each task runs in a fresh process, which reports its wall time and its 
 resident memory (VmHWM, the whole process: Python, TensorFlow, the model):
 
 ``train``
-    ``--train-steps`` steps of a training epoch (batch 16, 2 x 2 groups, the default
-    model), after the epoch's setup (grouping, normalisation, the first window); the
-    epoch's time is extrapolated from the steps' rate (``model.fit`` as train.py runs it,
-    the input pipeline included), since a full epoch of 1e6 groups takes hours on a
-    CPU.
+    Three calls of ``--train-steps`` steps of a training epoch (batch 16, 2 x 2 groups,
+    the default model, ``compile=jit``), after the epoch's setup (grouping,
+    normalisation, the first window); the epoch's time is extrapolated from the steps'
+    rate (``model.fit`` as train.py runs it, the input pipeline included; the median of
+    the calls that kept the cores busy, :func:`spread_calls`), since a full epoch of
+    1e6 groups takes hours on a CPU.
 ``infer``
     A whole reconstruction (``infer.groups=tile``: each position predicted once; an
     untrained network of the default size: the cost does not depend on the weights).
@@ -70,6 +71,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TASKS = ("train", "infer", "refine")
+TRAIN_CALLS = 3  # timed model.fit calls of --train-steps steps each (train task)
 PHOTONS = 1e6
 
 
@@ -205,17 +207,32 @@ def _train(scan, config, steps: int) -> dict:
     setup = time.perf_counter() - begin
     epoch_steps = len(groups) // batch
     steps = min(steps, epoch_steps)
-    tick = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)  # as train.py trains
-    per_step = (time.perf_counter() - tick) / steps
+    calls = []
+    for _ in range(TRAIN_CALLS):  # as train.py trains
+        since, tick = os.times(), time.perf_counter()
+        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+        seconds = time.perf_counter() - tick
+        calls.append(
+            {"samples_per_s": batch * steps / seconds, "cores_busy": cpu_use(since, seconds)}
+        )
+    rate = statistics.median(c["samples_per_s"] for c in spread_calls(calls))
     return {
-        "seconds": setup + per_step * epoch_steps,
+        "seconds": setup + epoch_steps * batch / rate,
         "setup_s": setup,
         "steps_timed": steps,
         "epoch_steps": epoch_steps,
-        "samples_per_s": batch / per_step,
+        "samples_per_s": rate,
+        "calls": calls,
         "extrapolated": steps < epoch_steps,
     }
+
+
+def spread_calls(calls: list[dict]) -> list[dict]:
+    """The calls that kept the cores about as busy as the busiest did (within 5%). On a
+    machine whose scheduler now and then runs the compute threads of a whole call on one
+    core (docs/benchmarks.md) the others run at a fixed lower rate whatever is measured."""
+    busiest = max(c["cores_busy"] for c in calls)
+    return [c for c in calls if c["cores_busy"] >= 0.95 * busiest]
 
 
 def cpu_use(since: os.times_result, seconds: float) -> float:
@@ -718,12 +735,10 @@ def _compare_training(path: Path, m: int, mode: str, args) -> None:
 
 def training_ratio(records: list[dict]) -> dict:
     """The ``compare`` row of :func:`train_pair`'s calls: the median rates of the calls
-    that kept the cores about as busy as the busiest call did (within 5%), and of all
-    calls. On a machine whose scheduler now and then runs the compute threads of a
-    whole call on one core (docs/benchmarks.md) such a call runs at a fixed lower rate
-    whichever dataset feeds it; counted in, it would decide the ratio by chance."""
-    busiest = max(r["cores_busy"] for r in records)
-    spread = [r for r in records if r["cores_busy"] >= 0.95 * busiest]
+    that kept the cores busy (:func:`spread_calls`), and of all calls (a call on one
+    core runs at a fixed lower rate whichever dataset feeds it; counted in, such calls
+    decide the ratio by chance)."""
+    spread = spread_calls(records)
 
     def median(rows, stream):
         rates = [r["samples_per_s"] for r in rows if r["streamed"] == stream]
@@ -743,6 +758,7 @@ def training_ratio(records: list[dict]) -> dict:
             "streamed": sum(r["streamed"] for r in spread),
         },
     }
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -105,7 +105,7 @@ def test_a_worker_killed_mid_refinement_stops_the_other_and_the_refinement_resum
         f"hydra.run.dir={run_dir}",
     ]
     processes, workers = start_workers(
-        2, *args, tmp_path=tmp_path, first=("tests/e2e/kill_at_iteration.py", "3")
+        2, *args, tmp_path=tmp_path, first=("tests/e2e/kill_at_step.py", "3", "--refinement")
     )
     processes[1].wait(timeout=600)
     killed_at = time.monotonic()

@@ -1193,6 +1193,18 @@ class Refiner:
         self.probe_units = float(state.arrays["probe_units"])
         self._update_prior_weights()  # of the saved positions
 
+    def _check_same_start(self, done: int) -> None:
+        """Every worker starts from the same iteration (each reads the run folder's
+        checkpoint; a worker that did not find it would take other steps): ``ValueError``
+        naming what each found."""
+        starts = self.distribution.all_gather(np.array(done, np.int64))
+        if len(set(starts.tolist())) > 1:
+            found = ", ".join(f"worker {k}: {int(i)}" for k, i in enumerate(starts))
+            raise ValueError(
+                f"the workers continue the refinement from different iterations ({found}): "
+                "give every worker the same hydra.run.dir, on a file system they share"
+            )
+
     def run(
         self, *, score=None, true_positions=None, on_record=None, resume=None, on_checkpoint=None
     ) -> RefineResult:
@@ -1214,9 +1226,12 @@ class Refiner:
             self._restore(resume)
             rng.bit_generator.state = resume.rng
             history, seconds, done = list(resume.history), resume.seconds, resume.iteration
-            log.info("refinement resumed after iteration %d", done)
+            log.debug("refinement resumed after iteration %d", done)
         else:
             history, seconds, done = [], 0.0, 0
+        if self.workers > 1:
+            self._check_same_start(done)
+        if resume is None:
             history.append(self._record(0, 0.0, score, true_positions))
             history[-1].pop("_pass_seconds")
             if on_record:

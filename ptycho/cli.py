@@ -25,7 +25,7 @@ from ptycho.distribute import lost_worker, make_distribution
 from ptycho.errors import ConfigError, Interrupted, WorkerLost
 from ptycho.quiet import native_notices_filtered
 
-__all__ = ["CONF", "initialise_devices", "main", "precheck", "run_job"]
+__all__ = ["CONF", "initialise_devices", "label_worker_logs", "main", "precheck", "run_job"]
 
 log = logging.getLogger("ptycho")
 
@@ -65,9 +65,11 @@ def _job(cfg, name: str) -> None:
 
     def run():
         config = typed(cfg)
+        distribution = initialise_devices(config.distribute)
+        label_worker_logs(distribution)
         if name == "train":
-            return app.train(config, run_dir, initialise_devices(config.distribute))
-        return app.infer(config, run_dir, initialise_devices(config.distribute))
+            return app.train(config, run_dir, distribution)
+        return app.infer(config, run_dir, distribution)
 
     run_job(run, verbose=bool(cfg.verbose))
 
@@ -124,6 +126,29 @@ def initialise_devices(options=None):
         distribution = None if options is None else make_distribution(options)
         tf.config.list_logical_devices()
     return distribution
+
+
+class _WorkerFormatter(logging.Formatter):
+    """A handler's own format, its lines starting with ``[worker K]``."""
+
+    def __init__(self, inner: logging.Formatter | None, worker: int):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[worker {self.worker}]{self.inner.format(record)}"
+
+
+def label_worker_logs(distribution) -> None:
+    """With several workers, every line of this process's logs names its worker: the
+    workers of one run append to the run folder's ``<job>.log`` (and a cluster's
+    launcher often merges their terminals)."""
+    if distribution is None or distribution.workers < 2:
+        return
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, _WorkerFormatter):
+            handler.setFormatter(_WorkerFormatter(handler.formatter, distribution.worker))
 
 
 def _one_line(text: str) -> str:

@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def stop_on_interrupt(monitor: TrainingMonitor):
-    """While inside, the first Ctrl-C asks ``monitor`` to stop after the current step.
+def stop_on_interrupt(monitor):
+    """While inside, the first Ctrl-C asks ``monitor`` (a :class:`TrainingMonitor`, a
+    :class:`ptycho.refine.Refiner`: anything with ``request_stop()``) to stop after the
+    current step.
 
     A KeyboardInterrupt raised in the middle of a TensorFlow call can leave the runtime
     in a state that crashes the interpreter at exit; a flag checked between steps does

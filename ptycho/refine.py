@@ -516,6 +516,7 @@ class Refiner:
         self.workers = 1 if distribution is None else distribution.workers
         self.worker = 0 if distribution is None else distribution.worker
         self._moved = None  # positions this worker moved in the iteration (several workers)
+        self.stop_requested = False  # a Ctrl-C on this worker (several workers)
         options.check_backend(backend)
         if options.subpixel == Subpixel.bilinear:
             check_compilable(backend, compile_mode)
@@ -1033,7 +1034,12 @@ class Refiner:
         """:meth:`_step` across workers: the local terms, summed (and the window
         pixels pooled) over the workers, then the same update on every worker."""
         shared, (where, terms), gradient = self._local(index, counts, weight)
-        shared = self.distribution.all_sum(list(shared))
+        # A stop requested on any worker travels with the step's sums: all stop here.
+        *shared, stops = self.distribution.all_sum([*shared, np.float32(self.stop_requested)])
+        if stops > 0:
+            if not self.stop_requested:
+                log.warning("another worker was interrupted: stopping the refinement")
+            raise KeyboardInterrupt
         # Tile indices travel as float32 (exact below 2^24).
         where = self.distribution.all_gather(tf.cast(where, tf.float32)).reshape(-1, 2)
         terms = self.distribution.all_gather(terms).reshape(-1, TILE, TILE, 3)
@@ -1042,6 +1048,12 @@ class Refiner:
         if not self.dense:
             self._clear(pooled[0])
         return loss
+
+    def request_stop(self) -> None:
+        """Stop the refinement at the next step on every worker (a Ctrl-C on one; safe
+        from a signal handler): each raises ``KeyboardInterrupt`` there, so that none
+        waits for the others. With one worker Ctrl-C interrupts at once instead."""
+        self.stop_requested = True
 
     def _sync_positions(self, start: np.ndarray, rms: np.ndarray, moved: np.ndarray) -> None:
         """After an iteration on several workers: each position's correction (and step
@@ -1271,6 +1283,8 @@ class Refiner:
                 options.max_seconds is not None
                 and seconds + time.perf_counter() - begin >= options.max_seconds
             )
+            if self.workers > 1 and options.max_seconds is not None:
+                out_of_time = self.distribution.agree(out_of_time)  # all stop, or none
             last = done == options.iterations or out_of_time
             if self.modes > 1 and probe_step and (done % options.orthogonalise_every == 0 or last):
                 self.orthogonalise()  # the last records and the result: orthogonal modes

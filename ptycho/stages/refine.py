@@ -5,6 +5,7 @@ scalars in TensorBoard, ``refine.png`` and ground-truth metrics when the scan ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import tensorflow as tf
 from ptycho import checkpoints, figures, probes
 from ptycho.data.scan import Scan
 from ptycho.errors import ConfigError, Interrupted, TrainingDiverged
+from ptycho.monitor import stop_on_interrupt
 from ptycho.progress import Progress
 from ptycho.reconstruction import Reconstruction
 from ptycho.refine import (
@@ -60,7 +62,8 @@ def run(
     (:func:`ptycho.checkpoints.refinement`); ``checkpoint_dir``: the run folder whose
     ``checkpoints/refine.npz`` is written every ``options.checkpoint_seconds`` (None:
     none; the chief's alone). Ctrl-C raises :class:`Interrupted` naming the iteration
-    a ``resume=true`` continues from.
+    a ``resume=true`` continues from; on one of several workers it stops every worker
+    at the same step.
     """
     scan = scorer.scan
     initial, described = _start(start, options)
@@ -91,21 +94,25 @@ def run(
         checkpoints.save_refinement(checkpoint_dir, state)
         saved[0] = state.iteration
 
+    # Several workers: a Ctrl-C on one is a request the next step shares (Refiner.
+    # request_stop), so that all stop there; one worker: Ctrl-C interrupts at once.
+    interrupts = stop_on_interrupt(refiner) if refiner.workers > 1 else contextlib.nullcontext()
     try:
-        result = refiner.run(
-            score=scorer.truth if scorer.has_truth else None,
-            true_positions=scan.metadata.get("true_positions"),
-            on_record=on_record,
-            resume=resume,
-            on_checkpoint=None if checkpoint_dir is None else on_checkpoint,
-        )
+        with interrupts:
+            result = refiner.run(
+                score=scorer.truth if scorer.has_truth else None,
+                true_positions=scan.metadata.get("true_positions"),
+                on_record=on_record,
+                resume=resume,
+                on_checkpoint=None if checkpoint_dir is None else on_checkpoint,
+            )
     except StateMismatch as error:
         path = checkpoints.refinement_path(checkpoint_dir or ".")
         raise ConfigError(f"{path}: cannot continue this refinement: {error}") from error
     except FloatingPointError as error:
         raise TrainingDiverged(str(error)) from error
     except KeyboardInterrupt:
-        raise Interrupted(_interrupted(checkpoint_dir, saved[0])) from None
+        raise Interrupted(_interrupted(checkpoint_dir, saved[0], refiner)) from None
     finally:
         progress.close()
         if writer is not None:
@@ -123,14 +130,26 @@ def run(
     return result
 
 
-def _interrupted(run_dir: Path | None, iteration: int | None) -> str:
-    """What a Ctrl-C during the refinement kept, and how to continue."""
+def _interrupted(run_dir: Path | None, iteration: int | None, refiner: Refiner) -> str:
+    """What a Ctrl-C during the refinement kept, and how to continue (``run_dir``: None
+    on the workers other than the chief)."""
+    several = refiner.workers > 1
+    what = "Ctrl-C during the refinement"
+    if several:
+        who = "" if refiner.stop_requested else " on another worker"
+        what = f"Ctrl-C{who} during the refinement: every worker stopped at the same step"
+    if several and run_dir is None:
+        return (
+            f"{what}; restart every worker with the same command plus resume=true to "
+            "continue from the chief's last refinement checkpoint"
+        )
     if run_dir is None or iteration is None:
-        return "Ctrl-C during the refinement, before the run's results were written: run it again"
+        return f"{what}, before the run's results were written: run it again"
+    where = " on every worker" if several else ""
     return (
-        f"Ctrl-C during the refinement, before the run's results were written; {run_dir}/"
+        f"{what}, before the run's results were written; {run_dir}/"
         f"{checkpoints.FOLDER}/{checkpoints.REFINEMENT} holds iteration {iteration}: "
-        f"rerun the same command plus hydra.run.dir={run_dir} resume=true to continue"
+        f"rerun the same command{where} plus hydra.run.dir={run_dir} resume=true to continue"
     )
 
 

@@ -124,8 +124,50 @@ def test_a_worker_killed_mid_refinement_stops_the_other_and_the_refinement_resum
         assert process.returncode == 0, stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["refine_iterations"] == 5 and metrics["workers"] == 2
-    assert "continuing the refinement after iteration 2" in (run_dir / "infer.log").read_text()
+    log = (run_dir / "infer.log").read_text().splitlines()
+    for worker in (0, 1):  # both append to the run's log, each line naming its worker
+        mine = [line for line in log if line.startswith(f"[worker {worker}][")]
+        assert any("continuing the refinement after iteration 2" in line for line in mine), log
     assert not (run_dir / "checkpoints" / "refine.npz").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_worker_stops_both_refining_at_the_same_step(tmp_path, scan_file):
+    """Ctrl-C on worker 1 as it evaluates iteration 3: both workers stop at the first
+    step of iteration 4 (the stop travels with the step's sums), long before the
+    collective timeout, each with one ``interrupted:`` line saying how to continue; the
+    chief keeps the checkpoint of iteration 3 and writes no results."""
+    run_dir = tmp_path / "run"
+    args = [
+        "infer.py",
+        "data=npz",
+        f"data.path={scan_file}",
+        "refine=object",
+        "refine.iterations=6",
+        "refine.eval_every=1",
+        "refine.checkpoint_seconds=0",
+        "refine.batch_size=16",
+        f"hydra.run.dir={run_dir}",
+    ]
+    processes, _ = start_workers(
+        2,
+        *args,
+        tmp_path=tmp_path,
+        first=("tests/e2e/kill_at_step.py", "3", "--refinement", "--signal=INT"),
+    )
+    processes[1].wait(timeout=600)
+    stopped = time.monotonic()
+    outputs = finish(processes)
+    assert time.monotonic() - stopped < COLLECTIVE_TIMEOUT_S / 2
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 130, stderr
+        lines = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+        assert len(lines) == 1 and "resume=true" in lines[0], stderr
+    assert "holds iteration 3" in outputs[0][1]
+    assert "another worker was interrupted" in (run_dir / "infer.log").read_text()
+    assert not (run_dir / "metrics.json").exists()
+    saved = np.load(run_dir / "checkpoints" / "refine.npz")
+    assert json.loads(str(saved["header"]))["iteration"] == 3
 
 
 FAULT_RUN = [*SMOKE[1:], "data.n_positions=100", "train.epochs=3", "train.batch_size=8"]

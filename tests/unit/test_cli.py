@@ -72,3 +72,27 @@ def test_a_renamed_key_is_refused_with_its_new_name(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: infer_batch_size is now reconstruct.batch_size: pass reconstruct.batch_size=..."
     )
+
+
+def test_several_workers_label_every_line_of_their_logs(monkeypatch):
+    """The workers of one run append to one ``<job>.log``: each line names its worker,
+    in the handler's own format; one worker's lines stay as they were."""
+    import io
+    import logging
+    from types import SimpleNamespace
+
+    root = logging.getLogger()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] - %(message)s"))
+    monkeypatch.setattr(root, "handlers", [handler])  # pytest's own handlers untouched
+    cli.label_worker_logs(SimpleNamespace(workers=1, worker=0))
+    cli.label_worker_logs(None)
+    logging.getLogger("ptycho.test").warning("alone")
+    for _ in range(2):  # labelled once however often it is asked
+        cli.label_worker_logs(SimpleNamespace(workers=2, worker=1))
+    logging.getLogger("ptycho.test").warning("shared %d", 7)
+    assert stream.getvalue().splitlines() == [
+        "[WARNING] - alone",
+        "[worker 1][WARNING] - shared 7",
+    ]

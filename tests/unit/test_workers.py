@@ -34,6 +34,7 @@ def threaded_workers(count: int, job):
             return [t.astype(np.asarray(v).dtype) for t, v in zip(total, values, strict=True)]
 
         distribution.all_sum = all_sum
+        distribution.agree = lambda flag: bool(all_sum([np.float32(flag)])[0] > 0)
         return distribution
 
     def run(worker: int) -> None:
@@ -89,6 +90,63 @@ def test_two_workers_refine_as_one_with_their_minibatches_together(scan, mode):
             got, np.stack([second.xcoords, second.ycoords], 1) - scan.positions
         )
         assert np.abs(got - moved).max() < 0.05 + 0.2 * np.abs(moved).max()
+
+
+def test_a_stop_requested_on_one_worker_stops_both_at_the_same_step(scan):
+    """Ctrl-C on worker 1 (``request_stop``, as its signal handler calls it) during the
+    progress pass after iteration 2: both workers leave at the first step of iteration 3,
+    neither waiting for the other, their canvases those the uninterrupted run has after
+    iteration 2 (the stop took no step of the third)."""
+    options = RefineOptions(mode="object", iterations=4, batch_size=16, eval_every=1)
+
+    def interrupted(distribution):
+        refiner = Refiner(scan, options, compile_mode="graph", distribution=distribution)
+
+        def on_record(record):
+            if distribution.worker == 1 and record["iteration"] == 2:
+                refiner.request_stop()
+
+        try:
+            refiner.run(on_record=on_record)
+        except KeyboardInterrupt:
+            return refiner.canvas.numpy()
+        return None  # finished: not stopped
+
+    def uninterrupted(distribution):
+        every = RefineOptions(**{**vars(options), "checkpoint_seconds": 0})
+        refiner = Refiner(scan, every, compile_mode="graph", distribution=distribution)
+        states = []
+        refiner.run(on_checkpoint=states.append)
+        return states[1]  # after iteration 2
+
+    first, second = threaded_workers(2, interrupted)
+    assert first is not None and second is not None
+    reference = threaded_workers(2, uninterrupted)[0]
+    assert reference.iteration == 2
+    scale = np.abs(reference.arrays["canvas"]).max()
+    for canvas in (first, second):
+        np.testing.assert_allclose(canvas, reference.arrays["canvas"], atol=1e-6 * scale)
+
+
+def test_workers_agree_on_the_time_limit(scan):
+    """``refine.max_seconds`` is met on each worker's own clock: when one is out of time
+    every worker stops after the same iteration (otherwise the others would wait for it
+    at their next step)."""
+    results = threaded_workers(
+        2,
+        lambda distribution: Refiner(
+            scan,
+            RefineOptions(
+                mode="object",
+                iterations=4,
+                batch_size=16,
+                max_seconds=1e-6 if distribution.worker == 1 else 1e6,
+            ),
+            compile_mode="graph",
+            distribution=distribution,
+        ).run(),
+    )
+    assert [result.history[-1]["iteration"] for result in results] == [1, 1]
 
 
 @pytest.mark.parametrize("align", [False, True])

@@ -84,6 +84,22 @@ def test_two_workers_reconstruct_and_refine_a_scan_as_one(tmp_path, scan_file):
     assert not list(tmp_path.glob("ptycho-worker*"))
 
 
+def refining(scan_file, run_dir, iterations: int) -> list[str]:
+    """infer.py refining ``scan_file`` from a flat object for ``iterations``, with a
+    progress point and a checkpoint after every iteration."""
+    return [
+        "infer.py",
+        "data=npz",
+        f"data.path={scan_file}",
+        "refine=object",
+        f"refine.iterations={iterations}",
+        "refine.eval_every=1",
+        "refine.checkpoint_seconds=0",
+        "refine.batch_size=16",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_refinement_stops_the_other_and_the_refinement_resumes(
     tmp_path, scan_file
@@ -93,17 +109,7 @@ def test_a_worker_killed_mid_refinement_stops_the_other_and_the_refinement_resum
     started again with resume=true continue from iteration 2 and finish, the
     checkpoint removed once the results are written."""
     run_dir = tmp_path / "run"
-    args = [
-        "infer.py",
-        "data=npz",
-        f"data.path={scan_file}",
-        "refine=object",
-        "refine.iterations=5",
-        "refine.eval_every=1",
-        "refine.checkpoint_seconds=0",
-        "refine.batch_size=16",
-        f"hydra.run.dir={run_dir}",
-    ]
+    args = refining(scan_file, run_dir, iterations=5)
     processes, workers = start_workers(
         2, *args, tmp_path=tmp_path, first=("tests/e2e/kill_at_step.py", "3", "--refinement")
     )
@@ -138,17 +144,7 @@ def test_ctrl_c_on_one_worker_stops_both_refining_at_the_same_step(tmp_path, sca
     collective timeout, each with one ``interrupted:`` line saying how to continue; the
     chief keeps the checkpoint of iteration 3 and writes no results."""
     run_dir = tmp_path / "run"
-    args = [
-        "infer.py",
-        "data=npz",
-        f"data.path={scan_file}",
-        "refine=object",
-        "refine.iterations=6",
-        "refine.eval_every=1",
-        "refine.checkpoint_seconds=0",
-        "refine.batch_size=16",
-        f"hydra.run.dir={run_dir}",
-    ]
+    args = refining(scan_file, run_dir, iterations=6)
     processes, _ = start_workers(
         2,
         *args,

@@ -94,9 +94,13 @@ def _show_everything_if_verbose(argv: list[str]) -> None:
 def run_job(function, *, verbose: bool = False):
     """Call ``function()``; turn failures into one line on stderr and an exit code.
 
-    With ``verbose`` the ``ptycho`` loggers show debug messages."""
+    With ``verbose`` the ``ptycho`` loggers show debug messages, and TensorFlow's Python
+    logger its information messages (a multi-worker strategy logs every collective it
+    sets up); without, its warnings and errors only."""
     if verbose:
         logging.getLogger("ptycho").setLevel(logging.DEBUG)
+    else:
+        logging.getLogger("tensorflow").setLevel(logging.WARNING)
     try:
         return function()
     except ConfigError as error:

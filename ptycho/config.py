@@ -74,7 +74,7 @@ class RunConfig:
     outputs: OutputOptions = field(default_factory=OutputOptions)
     distribute: DistributeOptions = field(default_factory=DistributeOptions)
     verbose: bool = False
-    """Debug logs and TensorFlow's native start-up notices."""
+    """Debug logs, TensorFlow's information messages and its native start-up notices."""
     resume: bool = False
     """Continue the run in ``hydra.run.dir`` from its ``checkpoints/``: training from its
     last epoch, an unfinished refinement from its last checkpoint."""

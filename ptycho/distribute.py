@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import tempfile
@@ -56,6 +57,21 @@ __all__ = [
 COLLECTIVE_TIMEOUT_S = 60.0
 """A collective (gradient all-reduce, canvas sum, stop agreement) that a worker has not
 joined after this long fails on the others: a lost worker stops the run within it."""
+
+
+class _ExpectedTracing(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning about
+    :meth:`Distribution.all_sum`, whose one compiled all-reduce is traced once per kind
+    of call (a handful: a refinement step's sums and gathers, the positions' exchange,
+    the progress pass; several in a row as a run starts), which that warning counts as
+    too frequent. Every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("retracing" in message and "Distribution.all_sum" in message)
+
+
+logging.getLogger("tensorflow").addFilter(_ExpectedTracing())
 
 
 class Strategy(StrEnum):
@@ -272,8 +288,8 @@ def lost_worker(error: BaseException) -> str | None:
     return (
         f"{lost} stopped answering the other workers (killed, crashed, interrupted or "
         f"silent for {COLLECTIVE_TIMEOUT_S:.0f} s); this worker stopped too and the run "
-        "wrote no results. Start every worker again (training: the same command with "
-        "resume=true continues from the last checkpoint)"
+        "wrote no results. Start every worker again: the same command with resume=true "
+        "continues from the last checkpoint (training's epoch, the refinement's iteration)"
     )
 
 

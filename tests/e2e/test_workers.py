@@ -120,6 +120,7 @@ def test_a_worker_killed_mid_refinement_stops_the_other_and_the_refinement_resum
     assert processes[0].returncode == 1, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: worker 1 ({workers[1]})"), stderr
+    assert stderr.strip().splitlines() == errors  # TensorFlow's own lines kept out
     assert time.monotonic() - killed_at < COLLECTIVE_TIMEOUT_S + 30
     assert not (run_dir / "metrics.json").exists()
     saved = np.load(run_dir / "checkpoints" / "refine.npz")
@@ -184,6 +185,7 @@ def test_a_killed_worker_stops_the_other_which_names_it_and_the_run_resumes(tmp_
     assert processes[0].returncode == 1
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: worker 1 ({workers[1]})"), stderr
+    assert stderr.strip().splitlines() == errors  # TensorFlow's own lines kept out
     assert "resume=true" in errors[0]
     assert waited < COLLECTIVE_TIMEOUT_S + 30
     assert not (run_dir / "metrics.json").exists()  # nothing half-written

@@ -126,7 +126,6 @@ class Distribution:
     kind: str = Strategy.none
     worker: int = 0
     workers: int = 1
-    _count: object = None  # compiled all-reduce of agree()
     _sum: object = None  # compiled all-reduce of all_sum()
 
     @property
@@ -150,16 +149,7 @@ class Distribution:
         must happen at the same epoch everywhere, or the collectives would wait)."""
         if self.workers == 1:
             return flag
-        if self._count is None:
-            strategy = self.strategy
-
-            @tf.function(autograph=False)
-            def count(value):
-                local = strategy.run(tf.identity, args=(value,))
-                return strategy.reduce(tf.distribute.ReduceOp.SUM, local, axis=None)
-
-            self._count = count
-        return bool(self._count(tf.constant(1.0 if flag else 0.0)) > 0)
+        return bool(self.all_sum([np.float32(flag)])[0] > 0)
 
     def all_sum(self, values: list) -> list[np.ndarray]:
         """The element-wise sums over the workers of ``values`` (arrays of any shapes,

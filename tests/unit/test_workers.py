@@ -34,7 +34,6 @@ def threaded_workers(count: int, job):
             return [t.astype(np.asarray(v).dtype) for t, v in zip(total, values, strict=True)]
 
         distribution.all_sum = all_sum
-        distribution.agree = lambda flag: bool(all_sum([np.float32(flag)])[0] > 0)
         return distribution
 
     def run(worker: int) -> None:
